@@ -1,0 +1,121 @@
+"""Parity between PyTorch and ONNX Runtime on the exported file: random tensors and real photographs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BATCH_SIZES = (1, 3, 8)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass criteria. Errors are relative to the reference's scale (max |value|), per output."""
+
+    max_rel_logits: float
+    max_rel_embedding: float
+    min_cosine: float
+    # Share of images whose top-1 must agree; with `near_ties_ok`, a disagreement counts as agreement when
+    # the two classes' reference logits differ by no more than twice the observed max abs error.
+    min_top1: float
+    near_ties_ok: bool
+
+
+# fp32: the same math in another order; errors stay near float32 epsilon times depth.
+FP32 = Thresholds(max_rel_logits=1e-4, max_rel_embedding=1e-4, min_cosine=0.99999, min_top1=1.0, near_ties_ok=False)
+# fp16: weights and activations carry an 11-bit mantissa (unit roundoff 4.9e-4); through ~50 layers the
+# error grows to about 1e-2 of the output scale, so top-1 may only flip between classes whose logits are
+# closer than that error. Cosine >= 0.999 keeps embeddings interchangeable for retrieval.
+FP16 = Thresholds(max_rel_logits=3e-2, max_rel_embedding=3e-2, min_cosine=0.999, min_top1=1.0, near_ties_ok=True)
+
+
+def _topk(x: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-x, axis=1, kind="stable")[:, :k]
+
+
+def compare(ref_logits: np.ndarray, ref_emb: np.ndarray, logits: np.ndarray, emb: np.ndarray) -> dict[str, float]:
+    """Error figures of one batch: abs/rel error of both outputs, top-1/top-5 agreement, cosine."""
+    logit_err = np.abs(logits.astype(np.float64) - ref_logits)
+    emb_err = np.abs(emb.astype(np.float64) - ref_emb)
+    logit_scale = float(np.abs(ref_logits).max())
+    emb_scale = float(np.abs(ref_emb).max())
+    ref_top1, top1 = ref_logits.argmax(1), logits.argmax(1)
+    max_abs = float(logit_err.max())
+    rows = np.arange(len(ref_logits))
+    gap = ref_logits[rows, ref_top1] - ref_logits[rows, top1]
+    top5 = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(_topk(ref_logits, 5), _topk(logits, 5), strict=True)])
+    cos = np.sum(ref_emb * emb, 1) / (np.linalg.norm(ref_emb, axis=1) * np.linalg.norm(emb, axis=1) + 1e-30)
+    return {
+        "logit_scale": logit_scale,
+        "max_abs_logits": max_abs,
+        "max_rel_logits": max_abs / max(logit_scale, 1e-12),
+        "embedding_scale": emb_scale,
+        "max_abs_embedding": float(emb_err.max()),
+        "max_rel_embedding": float(emb_err.max()) / max(emb_scale, 1e-12),
+        "top1_agreement": float(np.mean(ref_top1 == top1)),
+        "top1_agreement_or_near_tie": float(np.mean((ref_top1 == top1) | (gap <= 2 * max_abs))),
+        "top5_agreement": float(top5),
+        "min_cosine_embedding": float(cos.min()),
+    }
+
+
+def failures(figures: dict[str, float], limits: Thresholds) -> list[str]:
+    """The criteria one comparison misses; empty when it passes."""
+    top1 = figures["top1_agreement_or_near_tie" if limits.near_ties_ok else "top1_agreement"]
+    checks = [
+        ("max_rel_logits", figures["max_rel_logits"] <= limits.max_rel_logits, limits.max_rel_logits),
+        ("max_rel_embedding", figures["max_rel_embedding"] <= limits.max_rel_embedding, limits.max_rel_embedding),
+        ("min_cosine_embedding", figures["min_cosine_embedding"] >= limits.min_cosine, limits.min_cosine),
+        ("top1_agreement", top1 >= limits.min_top1, limits.min_top1),
+    ]
+    return [f"{name} {figures[name]:.3g} (limit {limit})" for name, ok, limit in checks if not ok]
+
+
+def batches(photos: np.ndarray, seed: int, input_size: int) -> dict[str, dict[int, np.ndarray]]:
+    """Inputs per kind and batch size: seeded N(0,1) tensors, and the photographs (cycled to fill)."""
+    gen = np.random.default_rng(seed)
+    out: dict[str, dict[int, np.ndarray]] = {"random": {}, "photos": {}}
+    for n in BATCH_SIZES:
+        out["random"][n] = gen.standard_normal((n, 3, input_size, input_size), dtype=np.float32)
+        out["photos"][n] = np.ascontiguousarray(photos[np.arange(n) % len(photos)])
+    return out
+
+
+@torch.no_grad()
+def check(
+    reference: torch.nn.Module,
+    run_onnx: dict[str, object],
+    inputs: dict[str, dict[int, np.ndarray]],
+    limits: Thresholds,
+) -> dict[str, object]:
+    """Compare `reference` (images -> logits, embedding) with every ORT runner given, on every input batch.
+
+    `run_onnx` maps a provider name to a callable taking a batch and returning (logits, embedding).
+    """
+    results: list[dict[str, object]] = []
+    for kind, by_size in inputs.items():
+        for n, batch in by_size.items():
+            ref_logits, ref_emb = (t.double().numpy() for t in reference(torch.from_numpy(batch)))
+            for provider, run in run_onnx.items():
+                logits, emb = run(batch)  # type: ignore[operator]
+                figures = compare(ref_logits, ref_emb, logits, emb)
+                results.append({"provider": provider, "inputs": kind, "batch": n, **figures,
+                                "failures": failures(figures, limits)})  # fmt: skip
+    worst = _worst(results)
+    return {
+        "passed": all(not r["failures"] for r in results),
+        "thresholds": limits.__dict__,
+        "worst": worst,
+        "cases": results,
+    }
+
+
+def _worst(results: Sequence[dict[str, object]]) -> dict[str, float]:
+    keys_max = ("max_abs_logits", "max_rel_logits", "max_abs_embedding", "max_rel_embedding")
+    keys_min = ("top1_agreement", "top5_agreement", "min_cosine_embedding")
+    worst: dict[str, float] = {k: max(float(r[k]) for r in results) for k in keys_max}  # type: ignore[arg-type]
+    worst.update({k: min(float(r[k]) for r in results) for k in keys_min})  # type: ignore[arg-type]
+    return worst

@@ -1,0 +1,146 @@
+"""Loading official and timm checkpoints into the project's ResNeSt, with strict key and shape checking."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .download import check_digest, download, expected_digest, sha256_file
+from .variants import VARIANTS
+
+StateDict = dict[str, torch.Tensor]
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "net")
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
+}  # fmt: skip
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint's keys or shapes do not fit the model it is loaded into."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Where the weights came from and their verified digest."""
+
+    source: str
+    path: str
+    sha256: str
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    # The format is an 8-byte little-endian header length, a JSON header, then raw little-endian tensors.
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        data = f.read()
+    state: StateDict = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+        tensor = (
+            torch.frombuffer(bytearray(data[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+        )
+        state[key] = tensor.reshape(meta["shape"])
+    return state
+
+
+def read_state_dict(path: Path) -> StateDict:
+    """Read a .pth/.bin (torch.load, weights only) or .safetensors file and unwrap it to a flat state_dict."""
+    if path.suffix == ".safetensors":
+        obj: object = _read_safetensors(path)
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    while isinstance(obj, dict):
+        wrapper = next((k for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if wrapper is None or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointMismatch(f"{path} does not hold a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+@cache
+def _variant_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    from .resnest import ResNeSt  # local: resnest imports nothing from here, this keeps it that way
+
+    with torch.device("meta"):
+        model = ResNeSt(VARIANTS[name])
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def matching_variants(state: StateDict) -> list[str]:
+    """Names of the variants whose parameter names and shapes the state_dict fits exactly."""
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    return [name for name in VARIANTS if _variant_shapes(name) == shapes]
+
+
+def _describe(keys: list[str], limit: int = 5) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(model: nn.Module, state: StateDict) -> StateDict:
+    """Strict key/shape check; returns the state with missing num_batches_tracked filled in.
+
+    The error names the first mismatching keys and, where the shapes fit another variant, which one.
+    """
+    expected = model.state_dict()
+    filled = dict(state)
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in filled:
+            filled[key] = torch.zeros_like(value, device="cpu")
+    missing = [k for k in expected if k not in filled]
+    unexpected = [k for k in filled if k not in expected]
+    wrong = [
+        f"{k} {tuple(filled[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in filled and filled[k].shape != v.shape
+    ]
+    if not (missing or unexpected or wrong):
+        return filled
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches: {_describe(wrong)}")
+    name = getattr(getattr(model, "variant", None), "name", type(model).__name__)
+    message = f"checkpoint does not fit {name}: " + "; ".join(problems)
+    if fits := matching_variants(state):
+        message += f". These weights fit: {', '.join(fits)}"
+    raise CheckpointMismatch(message)
+
+
+def load_checkpoint(
+    model: nn.Module,
+    source: str | os.PathLike[str],
+    *,
+    sha256: str | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> CheckpointInfo:
+    """Load weights from a local file or an http(s) URL into `model` (strict), verifying the SHA-256."""
+    text = os.fspath(source)
+    if text.startswith(("https://", "http://")):
+        path, digest = download(text, sha256=sha256, cache_dir=cache_dir, progress=progress)
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        digest = sha256_file(path)
+        check_digest(digest, expected_digest(path.name, sha256), str(path))
+    state = check_state_dict(model, read_state_dict(path))
+    model.load_state_dict(state, strict=True)
+    return CheckpointInfo(source=text, path=str(path), sha256=digest)
