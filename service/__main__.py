@@ -1,0 +1,88 @@
+"""`python -m service` / `resnest-serve`: run the app under uvicorn with drain-on-SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from .app import create_app
+from .settings import Settings, describe_settings
+
+log = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that answers SIGTERM the way load balancers need.
+
+    First SIGTERM: /readyz turns 503 at once while requests are still served for `grace` seconds (time for
+    the balancer to notice), then uvicorn stops accepting, finishes in-flight requests and the process exits
+    0. A second SIGTERM or SIGINT skips the grace.
+    """
+
+    def __init__(self, config: uvicorn.Config, state: object, grace: float) -> None:
+        super().__init__(config)
+        self._state, self._grace = state, grace
+        self._timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._state.draining = True  # type: ignore[attr-defined]
+        if sig == signal.SIGTERM and self._timer is None and self._grace > 0:
+            log.info("SIGTERM: draining, still serving for %.1fs", self._grace)
+            self._timer = threading.Timer(self._grace, self._exit)
+            self._timer.daemon = True
+            self._timer.start()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        # Not super().handle_exit: uvicorn would re-raise the signal after shutdown and the exit code would
+        # no longer be 0.
+        self.should_exit = True
+
+    def _exit(self) -> None:
+        log.info("grace period over: closing listeners, finishing in-flight requests")
+        self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="resnest-serve",
+        description="Serve a ResNeSt ONNX model over HTTP. Configuration comes from environment variables:",
+        epilog=describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        access_log=False,
+        lifespan="on",
+    )
+    server = DrainingServer(config, app.state.service, settings.drain_grace_s)
+    server.run()
+    # uvicorn leaves started == False when start-up (model load, warm-up) failed.
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""App construction (routes, middleware, handlers) apart from its state, which the lifespan initialises."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .batcher import Batcher
+from .errors import install_handlers
+from .metrics import Metrics
+from .middleware import RequestContextMiddleware, UploadLimitMiddleware
+from .routes import build_router
+from .runtime import InferenceModel, OrtModel, warm_up
+from .settings import Settings
+from .state import ServiceState
+
+log = logging.getLogger("service")
+
+
+async def _start(state: ServiceState, model: InferenceModel | None) -> None:
+    settings = state.settings
+    if model is None:
+        model = await asyncio.to_thread(OrtModel, settings)
+    state.model = model
+    card = model.card
+    if card.warning:
+        log.warning("%s", card.warning)
+    state.metrics.model_info.labels(
+        card.variant, card.precision, model.providers[0], card.weights.get("sha256", "?")[:16]
+    ).set(1)
+    shapes = settings.batch_shapes()
+    log.info("warming up batch sizes %s", shapes)
+    await asyncio.to_thread(warm_up, model, shapes)
+    state.warmed = True
+    state.batcher = Batcher(
+        model,
+        max_batch=settings.max_batch_size,
+        max_queue=settings.max_queue_size,
+        max_delay=settings.max_queue_delay_ms / 1000,
+        pad_to=shapes if settings.pad_batches else None,
+        observer=state.metrics.observer(),
+    )
+    state.batcher.start()
+    log.info("ready: %s on %s, max batch %d", card.variant, model.providers, settings.max_batch_size)
+
+
+def create_app(settings: Settings, model: InferenceModel | None = None) -> FastAPI:
+    """The ASGI app. Without `model`, the lifespan loads settings.model_path with ONNX Runtime."""
+    metrics = Metrics()
+    state = ServiceState(
+        settings=settings,
+        metrics=metrics,
+        decode_pool=ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode"),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await _start(state, model)  # errors here abort start-up: a process that cannot serve should not run
+        try:
+            yield
+        finally:
+            state.draining = True
+            if state.batcher is not None:
+                await state.batcher.stop(timeout=settings.shutdown_timeout_s)
+            state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            log.info("stopped")
+
+    app = FastAPI(
+        title="ResNeSt inference service",
+        version="0.1.0",
+        summary="ImageNet top-k classification and pooled embeddings from a ResNeSt, batched on ONNX Runtime.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    install_handlers(app)
+    app.include_router(build_router(state))
+    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, draining=lambda: state.draining)
+    return app

@@ -1,0 +1,87 @@
+"""The one error table: every failure a client can see, its HTTP status and its JSON body.
+
+Bodies are always {"error": {"code", "message"}} (plus "request_id"); messages are written for the client
+and never carry exception text, paths, versions or stack traces: those go to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .responses import JSONResponse
+
+log = logging.getLogger("service.errors")
+
+# code -> (status, default message)
+ERRORS: dict[str, tuple[int, str]] = {
+    "invalid_image": (400, "the image could not be decoded"),
+    "malformed_request": (400, "the request body is not valid multipart/form-data"),
+    "unauthorized": (401, "a valid API key is required: Authorization: Bearer <key>"),
+    "not_found": (404, "no such route"),
+    "method_not_allowed": (405, "method not allowed on this route"),
+    "payload_too_large": (413, "the request body exceeds the upload limit"),
+    "image_too_large": (413, "the image exceeds the pixel limit"),
+    "too_many_images": (413, "the request holds more images than allowed"),
+    "unsupported_media_type": (415, "unsupported content type"),
+    "invalid_parameter": (422, "invalid request parameters"),
+    "overloaded": (429, "the server is at capacity; retry later"),
+    "client_closed_request": (499, "the client closed the connection before the answer was ready"),
+    "internal_error": (500, "inference failed"),
+    "not_ready": (503, "the model is not ready"),
+    "draining": (503, "the server is shutting down"),
+    "deadline_exceeded": (504, "the request did not finish within its deadline"),
+}
+
+
+class ServiceError(StarletteHTTPException):
+    """A failure from the table. Subclassing HTTPException lets it cross FastAPI's body parsing unchanged."""
+
+    def __init__(self, code: str, message: str | None = None, headers: dict[str, str] | None = None) -> None:
+        status, default = ERRORS[code]
+        super().__init__(status_code=status, detail=message or default, headers=headers)
+        self.code = code
+
+
+def error_payload(code: str, message: str, request_id: str | None) -> dict[str, object]:
+    """The JSON body for `code`."""
+    body: dict[str, object] = {"error": {"code": code, "message": message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def error_response(request: Request, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error response for `code` (status from the table)."""
+    body = error_payload(code, message, getattr(request.state, "request_id", None))
+    return JSONResponse(body, status_code=ERRORS[code][0], headers=headers)
+
+
+_STATUS_CODES = {400: "malformed_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_parameter"}  # fmt: skip
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Route every exception to a body from the table."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(request, exc.code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "malformed_request" if exc.status_code < 500 else "internal_error")
+        return error_response(request, code, ERRORS[code][1], exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5]]
+        return error_response(request, "invalid_parameter", "; ".join(problems) or ERRORS["invalid_parameter"][1])
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error (request %s)", getattr(request.state, "request_id", "-"))
+        return error_response(request, "internal_error", "internal error")

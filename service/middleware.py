@@ -1,0 +1,105 @@
+"""Pure-ASGI middleware: request ids and per-route metrics, and upload limits enforced while streaming."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ERRORS, ServiceError, error_payload
+from .metrics import Metrics
+from .responses import JSONResponse
+
+REQUEST_ID = "x-request-id"
+_WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+ROUTES = frozenset({"/classify", "/embed", "/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+UPLOAD_ROUTES = frozenset({"/classify", "/embed"})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestContextMiddleware:
+    """Assign a request id (a client's own only if well-formed), count and time every request by route,
+    and ask clients to reconnect elsewhere (Connection: close) while the server drains."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, draining: Callable[[], bool]) -> None:
+        self.app, self.metrics, self.draining = app, metrics, draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        offered = _header(scope, REQUEST_ID.encode())
+        request_id = offered if offered and _WELL_FORMED_ID.fullmatch(offered) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"], state["started"] = request_id, time.perf_counter()
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = 500
+
+        async def send_with_context(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID.encode(), request_id.encode()))
+                if self.draining():
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_with_context)
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - state["started"])
+
+
+class UploadLimitMiddleware:
+    """On upload routes: 415 unless multipart/form-data, 413 as soon as the body passes `max_bytes`.
+
+    A declared Content-Length over the limit is refused before a byte is read; a chunked body is counted
+    as it streams in, so an oversized upload is never buffered, in memory or on disk.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in UPLOAD_ROUTES or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        length = _header(scope, b"content-length")
+        refusal: tuple[str, str] | None = None
+        if content_type != "multipart/form-data":
+            refusal = ("unsupported_media_type", "send the images as multipart/form-data")
+        elif length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            refusal = ("payload_too_large", f"the request body exceeds {self.max_bytes} bytes")
+        if refusal is not None:
+            # Answered before the body is read; the server then closes the connection on the unread body.
+            code, message = refusal
+            body = error_payload(code, message, scope.get("state", {}).get("request_id"))
+            await JSONResponse(body, status_code=ERRORS[code][0])(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise ServiceError("payload_too_large", f"the request body exceeds {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)

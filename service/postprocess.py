@@ -1,0 +1,33 @@
+"""From raw outputs to answers: softmax probabilities with top-k labels, and L2-normalised embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for any logit scale."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted, dtype=np.float64)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def top_k(logits: np.ndarray, k: int, labels: Sequence[str]) -> list[list[dict[str, object]]]:
+    """Per row, the k most probable classes as {index, label, score}, best first (ties by lower index)."""
+    probs = softmax(logits)
+    k = min(k, probs.shape[1])
+    # argpartition finds the k best in O(C); only those k are then sorted.
+    part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    results = []
+    for row, candidates in zip(probs, part, strict=True):
+        order = sorted(candidates.tolist(), key=lambda i: (-row[i], i))
+        results.append([{"index": i, "label": labels[i], "score": float(row[i])} for i in order])
+    return results
+
+
+def l2_normalize(embedding: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (an all-zero row stays zero)."""
+    norms = np.linalg.norm(embedding, axis=1, keepdims=True)
+    return embedding / np.maximum(norms, np.finfo(np.float32).tiny)

@@ -1,0 +1,146 @@
+"""The HTTP API: /classify, /embed, /model, /healthz, /readyz, /metrics."""
+
+# No `from __future__ import annotations` here: FastAPI must see the parameter annotations as objects,
+# and the limits inside them come from this app's settings, which a string annotation could not reach.
+
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.responses import Response
+
+from .errors import ERRORS, ServiceError, error_payload
+from .inference import run_images
+from .postprocess import l2_normalize, top_k
+from .responses import JSONResponse
+from .schemas import ClassifyResponse, EmbedResponse, ErrorResponse, Health, ModelInfo, Readiness
+from .state import ServiceState
+
+_bearer = HTTPBearer(auto_error=False, description="required only when RESNEST_API_KEY is set")
+_ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorResponse, "description": ", ".join(c for c, (s, _) in ERRORS.items() if s == status)}
+    for status in sorted({s for s, _ in ERRORS.values()})
+}
+Images = Annotated[
+    list[UploadFile], File(description="one or more images (JPEG, PNG, GIF, WebP, BMP, TIFF) in upload order")
+]
+
+
+def build_router(state: ServiceState) -> APIRouter:
+    """Routes bound to one app's state (limits in the OpenAPI schema come from its settings)."""
+    settings = state.settings
+    router = APIRouter()
+
+    def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if settings.api_key is None:
+            return
+        expected = settings.api_key.get_secret_value().encode()
+        given = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(given, expected):  # constant time: no timing oracle on the key
+            raise ServiceError("unauthorized", headers={"www-authenticate": "Bearer"})
+
+    guarded = [Depends(require_key)]
+    TopK = Annotated[int | None, Query(alias="top_k", ge=1, le=settings.top_k_max, description="predictions per image")]
+
+    @router.post(
+        "/classify",
+        response_model=ClassifyResponse,
+        responses=_ERROR_RESPONSES,
+        dependencies=guarded,
+        summary="Top-k ImageNet classes for each uploaded image",
+    )
+    async def classify(
+        request: Request,
+        images: Images,
+        top_k_: TopK = None,
+    ) -> Response:
+        out = await run_images(request, state, images)
+        assert state.model is not None
+        k = top_k_ or settings.top_k_default
+        predictions = top_k(out.logits, k, state.model.card.labels)
+        body = {
+            "model": state.model.card.variant,
+            "results": [{"filename": f.filename, "predictions": p} for f, p in zip(images, predictions, strict=True)],
+        }
+        state.metrics.images.labels("/classify").inc(len(images))
+        return JSONResponse(body, headers=out.timing_headers())
+
+    @router.post(
+        "/embed",
+        response_model=EmbedResponse,
+        responses=_ERROR_RESPONSES,
+        dependencies=guarded,
+        summary="The pooled embedding of each uploaded image",
+    )
+    async def embed(
+        request: Request,
+        images: Images,
+        normalize: Annotated[bool, Query(description="scale each embedding to unit L2 norm")] = False,
+    ) -> Response:
+        out = await run_images(request, state, images)
+        assert state.model is not None
+        vectors = l2_normalize(out.embedding) if normalize else out.embedding
+        body = {
+            "model": state.model.card.variant,
+            "dim": int(vectors.shape[1]),
+            "normalized": normalize,
+            "results": [{"filename": f.filename, "embedding": v} for f, v in zip(images, vectors, strict=True)],
+        }
+        state.metrics.images.labels("/embed").inc(len(images))
+        return JSONResponse(body, headers=out.timing_headers())
+
+    @router.get("/model", response_model=ModelInfo, responses=_ERROR_RESPONSES, dependencies=guarded)
+    async def model_info() -> Response:
+        """What is served: variant, preprocessing, active providers, weights digest, parity report."""
+        if state.model is None:
+            raise ServiceError("not_ready")
+        card = state.model.card
+        pre = card.preprocess
+        return JSONResponse(
+            {
+                "variant": card.variant,
+                "precision": card.precision,
+                "providers": state.model.providers,
+                "input_size": pre.input_size,
+                "preprocess": {
+                    "resize_size": pre.resize_size,
+                    "crop_size": pre.input_size,
+                    "interpolation": pre.interpolation,
+                    "mean": pre.mean,
+                    "std": pre.std,
+                },
+                "embedding_dim": card.embedding_dim,
+                "num_classes": len(card.labels),
+                "max_batch_size": settings.max_batch_size,
+                "weights": card.weights,
+                "warning": card.warning,
+                "parity": card.parity,
+                "export": card.export,
+            }
+        )
+
+    @router.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
+    async def healthz(request: Request) -> Response:
+        """Liveness: 200 while the process can serve; 503 once its batch worker has died (restart it)."""
+        if state.worker_dead:
+            body = error_payload("not_ready", "the batch worker died", request.state.request_id)
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+    async def readyz() -> Response:
+        """Readiness: model loaded and warmed, batch worker alive, not draining."""
+        reasons = state.not_ready_reasons()
+        state.metrics.ready.set(0 if reasons else 1)
+        if reasons:
+            return JSONResponse({"status": "unavailable", "reasons": reasons}, status_code=503)
+        return JSONResponse({"status": "ready", "reasons": []})
+
+    @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        state.metrics.ready.set(0 if state.not_ready_reasons() else 1)
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return router

@@ -1,0 +1,87 @@
+"""Service configuration: environment variables with the RESNEST_ prefix, validated at start-up."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RESNEST_"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. `python -m service --help` and the README list them with defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, protected_namespaces=(), validate_default=True
+    )
+
+    model_path: Path = Field(Path("artifacts/resnest50-fp32.onnx"), description="the exported .onnx file to serve")
+    providers: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="execution provider preference: auto tries CUDA then falls back to CPU"
+    )
+    require_gpu: bool = Field(False, description="refuse to start unless the CUDA EP is really active")
+    cuda_device_id: int = Field(0, ge=0, description="GPU ordinal for the CUDA EP")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="most images in one inference run")
+    pad_batches: bool = Field(
+        False, description="pad every batch up to the next power of two (fixed shapes, e.g. for CUDA graphs)"
+    )
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=1000, description="when idle, wait this long for more images to fill a batch"
+    )
+    max_queue_size: int = Field(64, ge=1, description="most images waiting for inference; beyond it: 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline per request, queueing included; then 504")
+    max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="most bytes in one request body; beyond: 413")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="most pixels (width x height) per image; beyond: 413")
+    max_images_per_request: int = Field(16, ge=1, description="most images in one request; beyond: 413")
+    top_k_default: int = Field(5, ge=1, description="predictions per image when top_k is not given")
+    top_k_max: int = Field(100, ge=1, description="largest top_k accepted")
+    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0: one per physical core)")
+    inter_op_threads: int = Field(1, ge=0, description="ORT inter-op threads")
+    decode_threads: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1), ge=1, description="image decode/preprocess threads"
+    )
+    jpeg_draft: bool = Field(
+        False, description="decode large JPEGs at reduced DCT scale (faster; pixels differ slightly from reference)"
+    )
+    drain_grace_s: float = Field(
+        5.0, ge=0, description="after SIGTERM: seconds /readyz answers 503 while requests are still served"
+    )
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="after the grace: most seconds to finish in-flight work")
+    api_key: SecretStr | None = Field(None, description="if set, /classify, /embed and /model need 'Bearer <key>'")
+    host: str = Field("0.0.0.0", description="listen address")
+    port: int = Field(8000, ge=1, le=65535, description="listen port")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.top_k_default > self.top_k_max:
+            raise ValueError(f"top_k_default ({self.top_k_default}) exceeds top_k_max ({self.top_k_max})")
+        if self.max_images_per_request > self.max_queue_size:
+            raise ValueError(
+                f"max_images_per_request ({self.max_images_per_request}) exceeds max_queue_size "
+                f"({self.max_queue_size}): such a request could never be admitted"
+            )
+        return self
+
+    def batch_shapes(self) -> list[int]:
+        """Every batch size the batcher can hand to the model (what warm-up must cover)."""
+        if not self.pad_batches:
+            return list(range(1, self.max_batch_size + 1))
+        sizes, n = [], 1
+        while n < self.max_batch_size:
+            sizes.append(n)
+            n *= 2
+        return [*sizes, self.max_batch_size]
+
+
+def describe_settings() -> str:
+    """A --help style table of every setting: variable, default, meaning."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        lines.append(f"  {ENV_PREFIX}{name.upper():<28} default {default!s:<30} {field.description}")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""What the running app knows about itself: model, batcher, warm-up, draining; readiness derives from it."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .batcher import Batcher
+from .metrics import Metrics
+from .runtime import InferenceModel
+from .settings import Settings
+
+
+@dataclass
+class ServiceState:
+    """One per app."""
+
+    settings: Settings
+    metrics: Metrics
+    decode_pool: ThreadPoolExecutor
+    model: InferenceModel | None = None
+    batcher: Batcher | None = None
+    warmed: bool = False
+    draining: bool = False
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why /readyz is 503; empty when the service should receive traffic."""
+        reasons = []
+        if self.draining:
+            reasons.append("draining")
+        if self.model is None:
+            reasons.append("model not loaded")
+        elif not self.warmed:
+            reasons.append("warming up")
+        if self.batcher is not None and not self.batcher.alive:
+            reasons.append("batch worker stopped")
+        elif self.batcher is not None and self.batcher.stalled_for() > self.settings.request_timeout_s:
+            reasons.append("inference stalled")
+        elif self.batcher is None and self.warmed:
+            reasons.append("batch worker not started")
+        return reasons
+
+    @property
+    def worker_dead(self) -> bool:
+        """The batch worker ran and stopped on its own: the process can no longer serve."""
+        return self.batcher is not None and not self.batcher.alive and not self.draining
