@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.parse_args(argv)
     try:
-        settings = Settings()
-    except ValidationError as exc:
+        settings = Settings.from_env()
+    except (ValidationError, ValueError) as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(

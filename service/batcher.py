@@ -93,6 +93,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._running_since: float | None = None
+        self._inflight: list[Ticket] = []  # tickets of the batch being run
         self._seconds_per_image = 0.05  # EWMA, for Retry-After
         self.error: BaseException | None = None
 
@@ -176,20 +177,27 @@ class Batcher:
             log.critical("the batch worker died; readiness is now false", exc_info=True)
             self.error = exc
             self._fail_all(BatcherStopped("batch worker died"))
+            for ticket in self._inflight:
+                if not ticket.future.done():
+                    ticket.future.set_exception(BatcherStopped("batch worker died"))
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        idle = True  # the worker found nothing to do after its last batch (or has not run one yet)
         while True:
             if not self._queue:
                 if self._closed:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-                if self.max_delay > 0:
-                    await self._fill(loop.time() + self.max_delay)
+                idle = True
+            if idle and self.max_delay > 0 and self._queue:
+                # Only an idle worker waits, and only up to `max_delay` after the first image arrived.
+                await self._fill(self._queue[0].ticket.submitted + self.max_delay)
             items = self._take(loop.time())
             if items:
                 await self._run(items)
+            idle = not self._queue
 
     async def _fill(self, until: float) -> None:
         """Idle worker, first image in: wait up to `until` for a full batch."""
@@ -233,7 +241,7 @@ class Batcher:
             if ticket.queue_wait is None:
                 ticket.queue_wait = start - ticket.submitted
                 self.observer.on_queue_wait(ticket.queue_wait)
-        self._running_since = start
+        self._running_since, self._inflight = start, tickets
         try:
             logits, embedding = await loop.run_in_executor(self._executor, self.model.infer, batch)
         except Exception:

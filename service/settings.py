@@ -10,6 +10,8 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RESNEST_"
+# Variables with the prefix that belong to other parts of the project (the export's checkpoint cache).
+NOT_SERVICE_SETTINGS = frozenset({"RESNEST_CACHE"})
 
 
 class Settings(BaseSettings):
@@ -66,6 +68,15 @@ class Settings(BaseSettings):
                 f"({self.max_queue_size}): such a request could never be admitted"
             )
         return self
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Settings from the environment; an unknown RESNEST_* variable (a typo, usually) is an error too."""
+        known = {f"{ENV_PREFIX}{name.upper()}" for name in cls.model_fields} | NOT_SERVICE_SETTINGS
+        unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; see `resnest-serve --help`")
+        return cls()
 
     def batch_shapes(self) -> list[int]:
         """Every batch size the batcher can hand to the model (what warm-up must cover)."""

@@ -1,0 +1,50 @@
+# The two commands a new user needs: `make serve` and `make test`. Both set everything up from scratch.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VARIANT ?= resnest50
+PRECISION ?= fp32
+MODEL ?= artifacts/$(VARIANT)-$(PRECISION).onnx
+# Optional real weights: make serve CHECKPOINT=https://.../resnest50-528c19ca.pth [SHA256=<64 hex>]
+CHECKPOINT ?=
+SHA256 ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test install model lb lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Built once and cached: the export writes atomically, so an interrupted build leaves no model behind.
+$(MODEL): | $(VENV)/.installed
+	$(PY) -m export --variant $(VARIANT) --precision $(PRECISION) --output $@ \
+		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(SHA256),--sha256 $(SHA256))
+
+model: $(MODEL)
+
+serve: $(MODEL)
+	RESNEST_MODEL_PATH=$(MODEL) $(VENV)/bin/resnest-serve
+
+# The load-balancer tests need HAProxy (Debian's package), as the compose topology uses.
+lb:
+	@command -v haproxy >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
+	@haproxy -v | head -1
+
+test: install lb
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install $(MODEL)
+	$(PY) -m bench.serving --model $(MODEL)
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

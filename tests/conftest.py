@@ -1,0 +1,128 @@
+"""Shared fixtures: a tiny real ONNX ResNeSt exported once per session, photographs, app clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VARIANT, TINY_SIZE = "resnest14d", 64
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """resnest14d at 64x64 with seeded random weights, through the real export pipeline (parity included)."""
+    import models
+    from export.pipeline import export_model
+    from service.preprocess import PreprocessConfig
+
+    model = models.create_model(TINY_VARIANT, seed=0)
+    data = model.variant.data
+    cfg = PreprocessConfig(TINY_SIZE, 73, data.interpolation, data.mean, data.std)
+    out = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    export_model(model, cfg, out, weights={"source": "random", "sha256": "random", "seed": 0},
+                 compare_naive=False, log=lambda _: None)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[tuple[str, bytes]]:
+    """The bundled photographs (name, bytes)."""
+    from export.photos import sample_photos
+
+    return sample_photos()
+
+
+def jpeg(size: tuple[int, int] = (96, 72), color: tuple[int, int, int] = (200, 30, 40), quality: int = 90) -> bytes:
+    """A small solid-colour JPEG with a gradient, so distinct colours give distinct model inputs."""
+    img = Image.new("RGB", size, color)
+    for x in range(size[0]):
+        img.putpixel((x, x * size[1] // size[0]), (x % 256, 255 - x % 256, 128))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    """Run a coroutine to completion (the suite has no asyncio plugin)."""
+    return asyncio.run(coro)
+
+
+@contextlib.asynccontextmanager
+async def app_client(app) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-untyped-def]
+    """An httpx client wired to the ASGI app in-process, with its lifespan run around it."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as client:
+            yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m service` in a subprocess on a loopback port, stopped (and reaped) by the fixture."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "RESNEST_HOST": "127.0.0.1", "RESNEST_PORT": str(self.port), **env}
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        code = self.proc.wait(timeout=30)
+        self._log.close()
+        return code
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """Start real servers: factory(env) -> ServerProcess (ready); all are killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(env: dict[str, str], wait: bool = True) -> ServerProcess:
+        server = ServerProcess(env, tmp_path / f"server{len(started)}.log")
+        started.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

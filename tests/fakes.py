@@ -1,0 +1,66 @@
+"""A fake model for the seam the batcher and app use: deterministic, input-dependent, instrumented."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from export.labels import imagenet_labels
+from service.model_card import ModelCard
+from service.preprocess import PreprocessConfig
+
+FAKE_SIZE = 32
+FAKE_DIM = 16
+
+
+def fake_card(input_size: int = FAKE_SIZE) -> ModelCard:
+    """A model card like export writes, for a small input."""
+    return ModelCard(
+        variant="fake",
+        preprocess=PreprocessConfig(
+            input_size, input_size + 4, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        ),
+        labels=tuple(imagenet_labels()),
+        embedding_dim=FAKE_DIM,
+        precision="fp32",
+        weights={"source": "random", "sha256": "random", "seed": 0},
+        export={"opset": 18},
+        parity={"passed": True},
+    )
+
+
+def fake_outputs(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fake forward: each row depends only on its own image, so answers can be checked per image."""
+    n = batch.shape[0]
+    flat = batch.reshape(n, -1).astype(np.float64)
+    embedding = flat[:, :FAKE_DIM] + flat.mean(axis=1, keepdims=True)
+    weights = np.random.default_rng(0).standard_normal((flat.shape[1], 1000)) / np.sqrt(flat.shape[1])
+    logits = flat @ weights
+    return logits.astype(np.float32), embedding.astype(np.float32)
+
+
+class FakeModel:
+    """Implements service.runtime.InferenceModel; records every batch it sees."""
+
+    def __init__(self, input_size: int = FAKE_SIZE, delay: float = 0.0) -> None:
+        self.card = fake_card(input_size)
+        self.providers = ["FakeExecutionProvider"]
+        self.delay = delay
+        self.batches: list[int] = []  # batch sizes seen, warm-up included
+        self.fail: Callable[[np.ndarray], None] | None = None  # raise from here to inject a fault
+        self.gate: threading.Event | None = None  # when set, infer blocks until the gate opens
+        self.lock = threading.Lock()
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        if self.delay:
+            time.sleep(self.delay)
+        with self.lock:
+            self.batches.append(images.shape[0])
+        if self.fail is not None:
+            self.fail(images)
+        return fake_outputs(images)

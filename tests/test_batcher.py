@@ -1,0 +1,264 @@
+"""The dynamic batcher on a fake model: coalescing, spanning, failures, cancellation, deadlines, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, BatcherStopped, DeadlineExceeded, InferenceFailed, QueueFull
+from tests.conftest import run
+from tests.fakes import FAKE_SIZE, FakeModel, fake_outputs
+
+
+def images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((3, FAKE_SIZE, FAKE_SIZE), dtype=np.float32) for _ in range(n)]
+
+
+def expected(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """What each image gives when inferred alone."""
+    rows = [fake_outputs(a[None]) for a in arrays]
+    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+
+
+def make(model: FakeModel, **kwargs: object) -> Batcher:
+    options = {"max_batch": 4, "max_queue": 32, **kwargs}
+    batcher = Batcher(model, **options)  # type: ignore[arg-type]
+    batcher.start()
+    return batcher
+
+
+def test_idle_batcher_runs_a_lone_request_at_once() -> None:
+    async def main() -> float:
+        model = FakeModel()
+        batcher = make(model)
+        arrays = images(1)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        ticket = batcher.submit(arrays, timeout=5)
+        logits, _ = await batcher.wait(ticket)
+        elapsed = loop.time() - start
+        np.testing.assert_allclose(logits, expected(arrays)[0], rtol=1e-5, atol=1e-5)
+        assert model.batches == [1]
+        await batcher.stop(5)
+        return elapsed
+
+    assert run(main()) < 0.5
+
+
+def test_requests_queued_during_a_batch_share_the_next_one() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate = threading.Event()
+        batcher = make(model, max_batch=8)
+        first = batcher.submit(images(1, seed=99), timeout=10)
+        await asyncio.sleep(0.05)  # the first batch is now running, blocked on the gate
+        inputs = [images(1, seed=i) for i in range(5)]
+        tickets = [batcher.submit(a, timeout=10) for a in inputs]
+        model.gate.set()
+        await batcher.wait(first)
+        results = [await batcher.wait(t) for t in tickets]
+        assert model.batches == [1, 5], model.batches
+        for arrays, (logits, emb) in zip(inputs, results, strict=True):
+            want_logits, want_emb = expected(arrays)
+            np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(emb, want_emb, rtol=1e-5, atol=1e-5)
+        await batcher.stop(5)
+
+    run(main())
+
+
+def test_a_request_larger_than_a_batch_spans_batches_in_order() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        batcher = make(model, max_batch=4)
+        arrays = images(10, seed=3)
+        ticket = batcher.submit(arrays, timeout=10)
+        logits, emb = await batcher.wait(ticket)
+        assert model.batches == [4, 4, 2]
+        want_logits, want_emb = expected(arrays)
+        np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(emb, want_emb, rtol=1e-5, atol=1e-5)
+        assert ticket.batches == 3
+        await batcher.stop(5)
+
+    run(main())
+
+
+def test_idle_delay_fills_a_batch() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        batcher = make(model, max_batch=4, max_delay=0.2)
+        t1 = batcher.submit(images(1, 1), timeout=5)
+        await asyncio.sleep(0.02)
+        t2 = batcher.submit(images(2, 2), timeout=5)
+        await asyncio.gather(batcher.wait(t1), batcher.wait(t2))
+        assert model.batches == [3]
+        # A full batch does not wait for the delay.
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await batcher.wait(batcher.submit(images(4, 3), timeout=5))
+        assert loop.time() - start < 0.15
+        assert model.batches == [3, 4]
+        await batcher.stop(5)
+
+    run(main())
+
+
+def test_a_failing_batch_fails_only_its_requests() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate = threading.Event()
+        batcher = make(model, max_batch=2)
+        doomed = [batcher.submit(images(1, i), timeout=10) for i in range(2)]
+
+        def fail_once(batch: np.ndarray) -> None:
+            model.fail = None
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        model.fail = fail_once
+        survivors_inputs = [images(1, 10 + i) for i in range(2)]
+        survivors = [batcher.submit(a, timeout=10) for a in survivors_inputs]
+        model.gate.set()
+        for ticket in doomed:
+            with pytest.raises(InferenceFailed):
+                await batcher.wait(ticket)
+        for arrays, ticket in zip(survivors_inputs, survivors, strict=True):
+            logits, _ = await batcher.wait(ticket)
+            np.testing.assert_allclose(logits, expected(arrays)[0], rtol=1e-5, atol=1e-5)
+        assert batcher.alive
+        await batcher.stop(5)
+
+    run(main())
+
+
+def test_cancelled_requests_never_reach_the_model() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate = threading.Event()
+        batcher = make(model, max_batch=8)
+        first = batcher.submit(images(1), timeout=10)
+        await asyncio.sleep(0.05)
+        gone = batcher.submit(images(3, 5), timeout=10)
+        stays = batcher.submit(images(2, 6), timeout=10)
+        waiter = asyncio.ensure_future(batcher.wait(gone))
+        await asyncio.sleep(0.01)
+        waiter.cancel()  # what a client disconnect does to its request
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert batcher.depth == 2
+        model.gate.set()
+        await batcher.wait(first)
+        await batcher.wait(stays)
+        assert model.batches == [1, 2], model.batches
+        await batcher.stop(5)
+
+    run(main())
+
+
+def test_full_queue_refuses_at_once_with_retry_after() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate = threading.Event()
+        batcher = make(model, max_batch=2, max_queue=4)
+        running = batcher.submit(images(1), timeout=10)
+        await asyncio.sleep(0.05)
+        queued = batcher.submit(images(4), timeout=10)
+        with pytest.raises(QueueFull) as refused:
+            batcher.submit(images(1), timeout=10)
+        assert refused.value.retry_after >= 1
+        assert batcher.depth == 4  # nothing of the refused request was queued
+        model.gate.set()
+        await batcher.wait(running)
+        await batcher.wait(queued)
+        await batcher.stop(5)
+
+    run(main())
+
+
+def test_deadline_gives_up_and_the_worker_recovers_from_a_stuck_run() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate = threading.Event()
+        batcher = make(model, max_batch=2)
+        stuck = batcher.submit(images(1), timeout=0.2)
+        await asyncio.sleep(0.05)
+        queued = batcher.submit(images(1, 2), timeout=0.2)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.wait(stuck)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.wait(queued)
+        assert batcher.stalled_for() > 0.1
+        model.gate.set()  # the stuck run returns
+        arrays = images(1, 7)
+        logits, _ = await batcher.wait(batcher.submit(arrays, timeout=5))
+        np.testing.assert_allclose(logits, expected(arrays)[0], rtol=1e-5, atol=1e-5)
+        assert model.batches == [1, 1], "the expired request must not have been inferred"
+        assert batcher.stalled_for() == 0.0
+        await batcher.stop(5)
+
+    run(main())
+
+
+class WorkerKilled(BaseException):
+    """Not an Exception: escapes the per-batch error handling, as a bug in the loop itself would."""
+
+
+def test_worker_death_fails_pending_work_and_reports_dead() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate = threading.Event()
+        batcher = make(model, max_batch=1)
+
+        def die(batch: np.ndarray) -> None:
+            raise WorkerKilled
+
+        model.fail = die
+        first = batcher.submit(images(1), timeout=5)
+        await asyncio.sleep(0.05)
+        pending = batcher.submit(images(1, 1), timeout=5)
+        model.gate.set()
+        with pytest.raises((BatcherStopped, InferenceFailed)):
+            await batcher.wait(first)
+        with pytest.raises(BatcherStopped):
+            await batcher.wait(pending)
+        assert not batcher.alive
+        assert isinstance(batcher.error, WorkerKilled)
+        with pytest.raises(BatcherStopped):
+            batcher.submit(images(1), timeout=5)
+        await batcher.stop(1)
+
+    run(main())
+
+
+def test_stop_finishes_queued_work_then_refuses() -> None:
+    async def main() -> None:
+        model = FakeModel(delay=0.02)
+        batcher = make(model, max_batch=2)
+        tickets = [batcher.submit(images(1, i), timeout=10) for i in range(5)]
+        waits = [asyncio.ensure_future(batcher.wait(t)) for t in tickets]
+        await batcher.stop(10)
+        done = await asyncio.gather(*waits)
+        assert len(done) == 5 and sum(model.batches) == 5
+        with pytest.raises(BatcherStopped):
+            batcher.submit(images(1), timeout=5)
+
+    run(main())
+
+
+def test_padding_to_fixed_shapes_keeps_answers_exact() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        batcher = make(model, max_batch=8, pad_to=[1, 2, 4, 8])
+        arrays = images(3, 4)
+        logits, emb = await batcher.wait(batcher.submit(arrays, timeout=5))
+        assert model.batches == [4]
+        want_logits, want_emb = expected(arrays)
+        np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(emb, want_emb, rtol=1e-5, atol=1e-5)
+        await batcher.stop(5)
+
+    run(main())
