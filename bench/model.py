@@ -1,0 +1,225 @@
+"""Model-level benchmark: ONNX Runtime on the exported graph vs PyTorch eager, same machine, same weights.
+
+    python -m bench.model [--variant resnest50] [--batches 1 8 32 64] [--repeats 5]
+
+Columns: PyTorch eager; ORT on a naive export (the official `resnest` code through torch's legacy exporter,
+as most published ONNX ResNeSts are made); ORT on this project's clean graph. Every figure is the median of
+`repeats` timed runs after one warm-up run. On a GPU the same rows run with CUDA (fp32 and fp16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+import models
+from export import graph
+from export.fp16 import to_fp16
+from export.fuse import fuse
+
+from .machine import describe, summary
+
+Runner = Callable[[np.ndarray], object]
+
+
+def naive_graph(variant: str, seed: int, size: int) -> onnx.ModelProto | None:
+    """The official implementation exported the common way (legacy tracer, dynamic batch); None without it."""
+    try:
+        import resnest.torch as official
+    except ImportError:
+        return None
+    if not hasattr(official, variant):
+        return None
+    model = models.init_random(getattr(official, variant)(), seed).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.randn(1, 3, size, size),), buf, input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False,
+        )  # fmt: skip
+    return onnx.load_from_string(buf.getvalue())
+
+
+def time_runs(run: Runner, batch: np.ndarray, repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Median images/s over `repeats` runs, after one warm-up."""
+    run(batch)
+    sync()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(batch)
+        sync()
+        rates.append(len(batch) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def ort_runner(model: onnx.ModelProto, provider: str, threads: int) -> Runner | None:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    chain = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=chain)
+    if session.get_providers()[0] != provider:
+        return None
+    return lambda batch: session.run(None, {"images": batch})
+
+
+def torch_runner(model: torch.nn.Module, device: str, half: bool) -> Runner:
+    model = model.to(device)
+    if half:
+        model = model.half()
+
+    def run(batch: np.ndarray) -> object:
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(device)
+            return model(x.half() if half else x)
+
+    return run
+
+
+def _worker(spec: dict[str, Any]) -> dict[int, float]:
+    """Measure one row in this (fresh) process, so no other runtime's threads compete with it."""
+    threads = spec["threads"]
+    torch.set_num_threads(threads)
+    size = spec["size"]
+    rng = np.random.default_rng(0)
+    gpu = spec["device"] == "cuda"
+    if spec["runtime"] == "torch":
+        runner: Runner | None = torch_runner(models.create_model(spec["variant"], seed=0), spec["device"], spec["half"])
+    else:
+        provider = "CUDAExecutionProvider" if gpu else "CPUExecutionProvider"
+        runner = ort_runner(onnx.load(spec["graph"]), provider, threads)
+    if runner is None:
+        return {}
+    sync = torch.cuda.synchronize if gpu and spec["runtime"] == "torch" else (lambda: None)
+    out = {}
+    for n in spec["batches"]:
+        batch = rng.standard_normal((n, 3, size, size), dtype=np.float32)
+        out[n] = time_runs(runner, batch, spec["repeats"], sync)
+        print(f"{spec['name']:32s} batch {n:3d}: {out[n]:8.1f} img/s", file=sys.stderr, flush=True)
+    return out
+
+
+def _measure(spec: dict[str, Any]) -> dict[int, float]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.model", "--worker", json.dumps(spec)],
+        stdout=subprocess.PIPE, text=True, check=True,
+    )  # fmt: skip
+    return {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="resnest50")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads for both (0: all cores)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+
+    threads = args.threads or torch.get_num_threads()
+    model = models.create_model(args.variant, seed=0)
+    size = model.variant.data.input_size
+    clean = graph.trace_to_onnx(fuse(model), size, 18)
+    naive = naive_graph(args.variant, 0, size)
+    graphs = {"naive": naive, "clean": clean}
+    print(
+        graph.format_histogram({k: graph.op_histogram(g) for k, g in graphs.items() if g is not None}), file=sys.stderr
+    )
+    gpu = torch.cuda.is_available()
+    base = {"variant": args.variant, "size": size, "threads": threads, "batches": args.batches, "repeats": args.repeats}
+    rows: dict[str, dict[int, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = [{**base, "name": "torch eager (CPU)", "runtime": "torch", "device": "cpu", "half": False}]
+        for name, g in graphs.items():
+            if g is None:
+                continue
+            path = f"{tmp}/{name}.onnx"
+            onnx.save(g, path)
+            specs.append({**base, "name": f"ORT CPU, {name} graph", "runtime": "ort", "device": "cpu", "graph": path})
+            if gpu:
+                half = f"{tmp}/{name}-fp16.onnx"
+                onnx.save(to_fp16(g), half)
+                specs.append({**base, "name": f"ORT CUDA fp32, {name} graph", "runtime": "ort", "device": "cuda",
+                              "graph": path})  # fmt: skip
+                specs.append({**base, "name": f"ORT CUDA fp16, {name} graph", "runtime": "ort", "device": "cuda",
+                              "graph": half})  # fmt: skip
+        if gpu:
+            specs.append(
+                {**base, "name": "torch eager fp16 (CUDA)", "runtime": "torch", "device": "cuda", "half": True}
+            )
+        for spec in specs:
+            measured = _measure(spec)
+            if measured:
+                rows[spec["name"]] = measured
+            else:
+                print(f"{spec['name']}: provider not active, skipped", file=sys.stderr)
+    write_results(args, rows, graphs, size, threads, gpu)
+    return 0
+
+
+def write_results(
+    args: argparse.Namespace,
+    rows: dict[str, dict[int, float]],
+    graphs: dict[str, onnx.ModelProto | None],
+    size: int,
+    threads: int,
+    gpu: bool,
+) -> None:
+    """JSON and a markdown table under args.out, named by device."""
+    machine = describe()
+    baseline = rows["torch eager (CPU)"]
+    hist = {k: graph.op_histogram(g) for k, g in graphs.items() if g is not None}
+    result: dict[str, Any] = {
+        "variant": args.variant, "input_size": size, "threads": threads, "repeats": args.repeats,
+        "machine": machine, "images_per_second": rows,
+        "nodes": {k: sum(h.values()) for k, h in hist.items()}, "shape_ops": {k: h["Shape"] for k, h in hist.items()},
+    }  # fmt: skip
+    kind = "gpu" if gpu else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"model-{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Model benchmark ({kind.upper()}): {args.variant} at {size}x{size}, images/s (median of {args.repeats})",
+        "",
+        f"Machine: {summary(machine)}; {threads} intra-op threads; {machine['date']}. Each row ran in its own process.",
+        "",
+        "| runtime | " + " | ".join(f"batch {n}" for n in args.batches) + " |",
+        "|---|" + "---|" * len(args.batches),
+    ]
+    for name, by_batch in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{by_batch[n]:.1f}" for n in args.batches) + " |")
+    lines.append("")
+    for name, by_batch in rows.items():
+        if name.startswith("ORT CPU"):
+            ratios = ", ".join(f"batch {n} {by_batch[n] / baseline[n]:.2f}x" for n in args.batches)
+            lines.append(f"- {name} vs torch eager: {ratios}")
+    nodes = ", ".join(f"{k} {v} nodes ({result['shape_ops'][k]} Shape)" for k, v in result["nodes"].items())
+    lines.append(f"- Graphs: {nodes}.")
+    if not gpu:
+        lines.append("- GPU rows: not yet measured (no GPU on this machine).")
+    (args.out / f"model-{kind}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
