@@ -30,6 +30,10 @@ def create_model(
     progress: bool = True,
 ) -> ResNeSt:
     """Build a variant in eval mode; load `checkpoint` (path or URL) strictly, or seed random weights."""
+    if checkpoint is not None and seed is not None:
+        raise ValueError("give a checkpoint or a seed for random weights, not both")
+    if checkpoint is None and sha256 is not None:
+        raise ValueError("sha256 verifies a checkpoint: give the checkpoint too")
     model = ResNeSt(get_variant(name))
     if checkpoint is not None:
         model.checkpoint = load_checkpoint(model, checkpoint, sha256=sha256, progress=progress)

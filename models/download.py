@@ -43,7 +43,12 @@ def expected_digest(name: str, sha256: str | None) -> str | None:
 def check_digest(actual: str, expected: str | None, what: str) -> None:
     """Raise ChecksumError unless `actual` starts with `expected` (a prefix from a file name counts)."""
     if expected is not None and not actual.startswith(expected):
-        raise ChecksumError(f"SHA-256 mismatch for {what}: expected {expected}..., got {actual}")
+        hint = (
+            " (a '-<hex>' suffix in a file name is read as its hash prefix, as torch.hub does)"
+            if len(expected) < 64
+            else ""
+        )
+        raise ChecksumError(f"SHA-256 mismatch for {what}: expected {expected}..., got {actual}{hint}")
 
 
 def sha256_file(path: Path) -> str:
@@ -107,7 +112,8 @@ def download(
         raise ValueError(f"checkpoint URL must be http(s), got {url!r}")
     name = Path(parsed.path).name or "checkpoint.pth"
     expected = expected_digest(name, sha256)
-    cache = cache_dir or default_cache_dir()
+    # One folder per URL: two URLs ending in the same file name never share a cache entry.
+    cache = (cache_dir or default_cache_dir()) / hashlib.sha256(url.encode()).hexdigest()[:16]
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / name
     if target.exists():
