@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 import models
 from service.model_card import RANDOM_WEIGHTS_WARNING
 from service.preprocess import PreprocessConfig
@@ -42,10 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     variant = models.get_variant(args.variant)
     data = variant.data
     size = args.input_size or data.input_size
-    resize = data.resize_size if size == data.input_size else round(size / data.crop_pct)
+    resize = data.resize_size if size == data.input_size else int(size / data.crop_pct)  # floor, as timm
     cfg = PreprocessConfig(size, resize, data.interpolation, data.mean, data.std)
     output: Path = args.output or Path("artifacts") / f"{args.variant}-{args.precision}.onnx"
-    torch.set_grad_enabled(False)
     _log(f"building {args.variant} ({'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'})")
     try:
         if args.checkpoint:

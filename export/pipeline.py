@@ -80,7 +80,8 @@ def export_model(
     if compare_naive:
         naive = graph.trace_to_onnx(TwoHeads(model), cfg.input_size, opset)
         histograms = {"naive": graph.op_histogram(naive), **histograms}
-    log("node types (naive: the checkpoint-layout model traced as is):\n" + graph.format_histogram(histograms))
+    legend = " (naive: the checkpoint-layout model traced as is)" if compare_naive else ""
+    log(f"node types{legend}:\n" + graph.format_histogram(histograms))
     if problems := graph.graph_problems(final):
         raise ExportError("graph check failed: " + "; ".join(problems))
     if precision == "fp16":
@@ -91,7 +92,8 @@ def export_model(
     limits = parity.FP16 if precision == "fp16" else parity.FP32
     report = parity.check(TwoHeads(model), run, parity.batches(photo_batch(cfg), seed, cfg.input_size), limits)
     report.update(precision=precision, providers=list(run), photos=len(sample_photos()))
-    report_path = output.with_suffix(".parity.json")
+    # A failed report gets its own name, so it never sits beside an older model as if it described it.
+    report_path = output.with_suffix(".parity.json" if report["passed"] else ".parity-failed.json")
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     log(json.dumps({"providers": list(run), "worst": report["worst"]}, indent=2))

@@ -18,13 +18,13 @@ def top_k(logits: np.ndarray, k: int, labels: Sequence[str]) -> list[list[dict[s
     """Per row, the k most probable classes as {index, label, score}, best first (ties by lower index)."""
     probs = softmax(logits)
     k = min(k, probs.shape[1])
-    # argpartition finds the k best in O(C); only those k are then sorted.
-    part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
-    results = []
-    for row, candidates in zip(probs, part, strict=True):
-        order = sorted(candidates.tolist(), key=lambda i: (-row[i], i))
-        results.append([{"index": i, "label": labels[i], "score": float(row[i])} for i in order])
-    return results
+    # A stable sort of 1000 scores costs microseconds and, unlike argpartition, keeps ties in index order
+    # even where a tie straddles the k-th place.
+    best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [
+        [{"index": int(i), "label": labels[i], "score": float(row[i])} for i in order]
+        for row, order in zip(probs, best, strict=True)
+    ]
 
 
 def l2_normalize(embedding: np.ndarray) -> np.ndarray:

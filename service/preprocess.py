@@ -19,7 +19,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # warning or an error that depends on a process-wide constant rather than on the configuration.
 Image.MAX_IMAGE_PIXELS = None
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+# MPO: a JPEG carrying extra images (phones, 3-D cameras); browsers show, and we decode, the first one.
+_JPEG_FORMATS = ("JPEG", "MPO")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -98,9 +100,13 @@ def crop_box(width: int, height: int, size: int) -> tuple[int, int]:
 
 def decode(data: bytes, cfg: PreprocessConfig, max_pixels: int, draft: bool = False) -> Image.Image:
     """Bytes -> upright RGB image. With `draft`, large JPEGs are decoded at a reduced DCT scale."""
-    img = open_image(data, max_pixels)
+    with warnings.catch_warnings():
+        # Header parsing warns too (a TIFF with corrupt EXIF tags), not only load(): under an "error" warnings
+        # filter that escaped as a UserWarning, neither an image nor an ImageError (a 500 from the service).
+        warnings.simplefilter("ignore")
+        img = open_image(data, max_pixels)
     try:
-        if draft and img.format == "JPEG":
+        if draft and img.format in _JPEG_FORMATS:
             # Keep the shorter side >= resize_size so the resize still only shrinks.
             scale = cfg.resize_size / min(img.size)
             img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
@@ -108,7 +114,7 @@ def decode(data: bytes, cfg: PreprocessConfig, max_pixels: int, draft: bool = Fa
             warnings.simplefilter("ignore")  # Pillow warns on odd-but-decodable files; they are served
             img.seek(0)  # the first frame of an animation
             img.load()
-        img = ImageOps.exif_transpose(img)
+            img = ImageOps.exif_transpose(img)  # reading EXIF warns on corrupt EXIF, as the header parse does
         return to_rgb(img)
     except ImageError:
         raise
