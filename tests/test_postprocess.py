@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from service.postprocess import l2_normalize, softmax, top_k
 
