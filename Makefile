@@ -30,11 +30,13 @@ model: $(MODEL)
 serve: $(MODEL)
 	RESNEST_MODEL_PATH=$(MODEL) $(VENV)/bin/resnest-serve
 
-# The load-balancer tests need HAProxy (Debian's package), as the compose topology uses.
+# The load-balancer tests need HAProxy (Debian's package), as the compose topology uses; docker-compose
+# validates docker-compose.yml where no `docker compose` plugin exists (neither needs a Docker engine).
 lb:
-	@command -v haproxy >/dev/null 2>&1 || { \
+	@command -v haproxy >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1 || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy docker-compose >/dev/null; }
 	@haproxy -v | head -1
 
 test: install lb

@@ -1,0 +1,310 @@
+"""The deployment files agree with the app: probe routes and ports, shutdown arithmetic, GPU requests, selectors,
+image targets. Static checks (no engine, no cluster), plus `docker compose config` where a compose CLI exists."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import ROOT
+
+K8S = ROOT / "deploy" / "k8s"
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
+DEPLOYMENTS = ("deployment.yaml", "deployment-gpu.yaml")
+REPLICAS = ("replica1", "replica2", "replica3")
+RUNTIMES = ("runtime-cpu", "runtime-gpu")
+
+
+def default(name: str) -> Any:
+    return Settings.model_fields[name].default
+
+
+@cache
+def app_routes() -> frozenset[str]:
+    """The paths the app really serves, from its OpenAPI schema."""
+    return frozenset(create_app(Settings(model_path=Path("unused.onnx"))).openapi()["paths"])
+
+
+def seconds(text: str | int | float) -> float:
+    """'45s', '1m30s', '500ms', 45 -> seconds (compose and HAProxy duration syntax)."""
+    if isinstance(text, int | float):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def env_seconds(env: dict[str, str], name: str) -> float:
+    """A RESNEST_* duration from a manifest's environment, else the service's default."""
+    value = env.get(f"RESNEST_{name.upper()}")
+    return float(value) if value is not None else float(default(name))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+@cache
+def k8s(name: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
+
+
+def deployment(name: str) -> dict[str, Any]:
+    (doc,) = k8s(name)
+    assert doc["kind"] == "Deployment"
+    return doc
+
+
+def container(dep: dict[str, Any]) -> dict[str, Any]:
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def k8s_env(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c.get("env", [])}
+
+
+def test_kustomization_lists_every_manifest_and_each_is_well_formed() -> None:
+    (kustomization,) = k8s("kustomization.yaml")
+    listed = set(kustomization["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk
+    for name in sorted(listed):
+        for doc in k8s(name):
+            assert doc.get("apiVersion") and doc.get("kind"), name
+            assert doc.get("metadata", {}).get("name"), name
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_probes_hit_the_apps_routes_on_the_container_port(name: str) -> None:
+    dep = deployment(name)
+    c = container(dep)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": int(k8s_env(c).get("RESNEST_PORT", default("port")))}
+    assert {"/readyz", "/healthz"} <= app_routes()
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["startupProbe"]["httpGet"]["path"] in app_routes()
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["port"] in (*ports, *ports.values()), probe
+    # Warm-up (every batch size) must not be mistaken for a hang: minutes before liveness may restart it.
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= 30
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_termination_grace_outlasts_drain_and_shutdown(name: str) -> None:
+    dep = deployment(name)
+    env = k8s_env(container(dep))
+    drain, shutdown = env_seconds(env, "drain_grace_s"), env_seconds(env, "shutdown_timeout_s")
+    grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    print(f"\n{name}: terminationGracePeriodSeconds {grace} > drain {drain} + shutdown {shutdown}")
+    assert grace > drain + shutdown
+    for key in ("RESNEST_DRAIN_GRACE_S", "RESNEST_SHUTDOWN_TIMEOUT_S"):
+        assert key in env, f"{key}: set explicitly, so the arithmetic above is visible in the manifest"
+    resources = container(dep)["resources"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources[kind]), kind
+
+
+def test_gpu_deployment_requests_a_gpu_and_insists_on_it() -> None:
+    c = container(deployment("deployment-gpu.yaml"))
+    assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    env = k8s_env(c)
+    assert env["RESNEST_PROVIDERS"] == "cuda"
+    assert env["RESNEST_REQUIRE_GPU"] == "true"
+    assert ":gpu" in c["image"]
+
+
+def test_hpa_service_and_pdb_point_at_the_deployment() -> None:
+    dep = deployment("deployment.yaml")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    (hpa,) = k8s("hpa.yaml")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", dep["metadata"]["name"])
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert "cpu" in container(dep)["resources"]["requests"], "CPU utilisation is relative to the request"
+
+    (svc,) = k8s("service.yaml")
+    assert svc["spec"]["type"] == "ClusterIP"
+    for name in DEPLOYMENTS:
+        assert svc["spec"]["selector"].items() <= deployment(name)["spec"]["template"]["metadata"]["labels"].items()
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == 80
+    assert port["targetPort"] in {p["name"] for p in container(dep)["ports"]}
+
+    (pdb,) = k8s("pdb.yaml")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# docker-compose
+
+
+@cache
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_replicas_probe_readiness_and_outlast_the_drain() -> None:
+    services = compose()["services"]
+    for name in REPLICAS:
+        replica = services[name]
+        assert replica["build"]["target"] == "runtime-cpu", name
+        assert "/readyz" in replica["healthcheck"]["test"], name
+        assert replica["depends_on"]["export"]["condition"] == "service_completed_successfully", name
+        env = replica["environment"]
+        drain, shutdown = env_seconds(env, "drain_grace_s"), env_seconds(env, "shutdown_timeout_s")
+        assert seconds(replica["stop_grace_period"]) > drain + shutdown, name
+        assert env == services["replica1"]["environment"], "replicas share one environment"
+    assert services["export"]["build"]["target"] == "export"
+
+
+def test_compose_balancer_runs_the_tested_haproxy_config() -> None:
+    services = compose()["services"]
+    lb = services["lb"]
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in lb["volumes"]}
+    assert mounts["./deploy/haproxy.cfg"] == "/usr/local/etc/haproxy/haproxy.cfg"
+    port = int(services["replica1"]["environment"].get("RESNEST_PORT", default("port")))
+    assert {lb["environment"][f"REPLICA{i}"] for i in (1, 2, 3)} == {f"{r}:{port}" for r in REPLICAS}
+    assert "LB_BIND" in lb["environment"]
+
+
+def test_compose_gpu_profile_reserves_an_nvidia_device() -> None:
+    gpu = [s for s in compose()["services"].values() if "gpu" in s.get("profiles", [])]
+    assert gpu, "no service in the gpu profile"
+    for service in gpu:
+        assert service["build"]["target"] == "runtime-gpu"
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] and d["count"] >= 1 for d in devices)
+        assert service["environment"]["RESNEST_REQUIRE_GPU"] == "true"
+
+
+def compose_cli() -> list[str] | None:
+    """`docker compose` (v2 plugin), else the standalone `docker-compose`, else None."""
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]], ids=["default", "gpu"])
+def test_compose_file_validates(profile: list[str]) -> None:
+    cli = compose_cli()
+    if cli is None:
+        reason = "the docker client has no compose plugin" if shutil.which("docker") else "no docker client"
+        pytest.skip(f"{reason} and no docker-compose on PATH: cannot run `docker compose config`")
+    out = subprocess.run(
+        [*cli, "-f", str(COMPOSE), *profile, "config", "--quiet"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dockerfile, .dockerignore, HAProxy
+
+
+@cache
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions (keyword, arguments), continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n(\s*#.*\n)*", " ", DOCKERFILE.read_text())
+    result: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, args = line.partition(" ")
+        if keyword.upper() == "FROM":
+            match = re.search(r"\bAS\s+(\S+)", args, re.IGNORECASE)
+            assert match, f"unnamed stage: {line}"
+            current = result.setdefault(match.group(1), [])
+        current.append((keyword.upper(), args.strip()))
+    return result
+
+
+def instructions(stage: str, keyword: str) -> list[str]:
+    return [args for k, args in stages()[stage] if k == keyword]
+
+
+def test_dockerfile_has_the_three_targets() -> None:
+    assert {"export", *RUNTIMES} <= set(stages())
+    export = " ".join(args for _, args in stages()["export"])
+    assert "python -m export" in export
+    assert "download.pytorch.org/whl/cpu" in export, "torch's CPU wheel, not the CUDA one"
+    for arg in ("VARIANT", "PRECISION", "CHECKPOINT_URL", "CHECKPOINT_SHA256"):
+        assert any(a.split("=")[0] == arg for a in instructions("export", "ARG")), arg
+
+
+@pytest.mark.parametrize("stage", RUNTIMES)
+def test_runtime_images_are_lean_non_root_and_drain_on_sigterm(stage: str) -> None:
+    body = " ".join(args for _, args in stages()[stage])
+    assert "torch" not in body and "[export]" not in body
+    users = instructions(stage, "USER")
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    (healthcheck,) = instructions(stage, "HEALTHCHECK")
+    assert "/healthz" in healthcheck
+    assert instructions(stage, "STOPSIGNAL") == ["SIGTERM"]
+    assert instructions(stage, "EXPOSE") == [str(default("port"))]
+    assert any(a.startswith("--from=export") for a in instructions(stage, "COPY"))
+    env = " ".join(instructions(stage, "ENV"))
+    assert "RESNEST_MODEL_PATH=" in env
+    assert f"RESNEST_PROVIDERS={'cuda' if stage == 'runtime-gpu' else 'cpu'}" in env
+    assert ("RESNEST_REQUIRE_GPU=true" in env) == (stage == "runtime-gpu")
+    assert instructions(stage, "CMD") == ['["resnest-serve"]']
+
+
+def test_dockerignore_admits_only_what_the_build_copies() -> None:
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()]
+    patterns = [p for p in patterns if p and not p.startswith("#")]
+    assert patterns[0] == "*", "an allow-list keeps .venv, artifacts/ and caches out of the context"
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    sources = set()
+    for stage in stages():
+        for args in instructions(stage, "COPY"):
+            if not args.startswith("--from"):
+                sources.update(args.split()[:-1])
+    assert sources <= allowed, sources - allowed
+    assert all((ROOT / s).exists() for s in allowed - {"README.md"})
+
+
+def test_haproxy_drops_a_draining_replica_within_its_grace() -> None:
+    cfg = HAPROXY_CFG.read_text()
+    assert re.search(r"^\s*option httpchk GET /readyz$", cfg, re.MULTILINE)
+    assert re.search(r"^\s*http-check expect status 200$", cfg, re.MULTILINE)
+    assert re.search(r"^\s*retry-on .*\bconn-failure\b", cfg, re.MULTILINE)
+    assert re.search(r"^\s*option redispatch\b", cfg, re.MULTILINE)
+    (server_defaults,) = re.findall(r"^\s*default-server (.*)$", cfg, re.MULTILINE)
+    tokens = server_defaults.split()
+    options = {k: v for k, v in itertools.pairwise(tokens) if k in ("inter", "fastinter", "fall", "rise")}
+    # First failed check at most `inter` after the drain starts, the remaining `fall - 1` at `fastinter`.
+    inter, fall = seconds(options["inter"]), int(options["fall"])
+    detect = inter + (fall - 1) * seconds(options.get("fastinter", options["inter"]))
+    grace = default("drain_grace_s")
+    print(f"\nHAProxy marks a draining replica DOWN <= {detect:.2f}s (+ check time) into a {grace}s grace")
+    assert detect < grace / 2
+    servers = re.findall(r'^\s*server (r\d) "\$\{(REPLICA\d)\}"', cfg, re.MULTILINE)
+    assert servers == [("r1", "REPLICA1"), ("r2", "REPLICA2"), ("r3", "REPLICA3")]
