@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
+import socket
 import sys
 import threading
 from types import FrameType
@@ -16,6 +18,7 @@ from .app import create_app
 from .settings import Settings, describe_settings
 
 log = logging.getLogger("service")
+_LATE_REQUEST_WAIT_S = 0.3
 
 
 class DrainingServer(uvicorn.Server):
@@ -47,6 +50,16 @@ class DrainingServer(uvicorn.Server):
         # no longer be 0.
         self.should_exit = True
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Stop accepting first, then give connections accepted an instant ago time to deliver their request:
+        # uvicorn would otherwise close them unread, and their clients could not tell they were never served.
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        await asyncio.sleep(_LATE_REQUEST_WAIT_S)
+        await super().shutdown()
+
     def _exit(self) -> None:
         log.info("grace period over: closing listeners, finishing in-flight requests")
         self.should_exit = True
@@ -68,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # Any client can send a malformed multipart body; the parser's warnings about it would flood the log.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -79,6 +79,6 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
     app.state.service = state
     install_handlers(app)
     app.include_router(build_router(state))
-    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes, overloaded=state.overloaded)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, draining=lambda: state.draining)
     return app

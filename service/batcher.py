@@ -60,6 +60,20 @@ class Ticket:
 
 
 @dataclass(eq=False)
+class Reservation:
+    """Room for `size` images held for a request while it decodes; released on submit or on failure."""
+
+    batcher: Batcher
+    size: int
+    active: bool = True
+
+    def release(self) -> None:
+        if self.active:
+            self.active = False
+            self.batcher._reserved -= self.size
+
+
+@dataclass(eq=False)
 class _Item:
     ticket: Ticket
     index: int
@@ -95,6 +109,7 @@ class Batcher:
         self._running_since: float | None = None
         self._inflight: list[Ticket] = []  # tickets of the batch being run
         self._seconds_per_image = 0.05  # EWMA, for Retry-After
+        self._reserved = 0  # images admitted and still decoding: they count against max_queue
         self.error: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -129,13 +144,38 @@ class Batcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- requests ----------------------------------------------------------------------------------------
-    def submit(self, arrays: Sequence[np.ndarray], timeout: float) -> Ticket:
-        """Queue a request's images at once, or raise QueueFull / BatcherStopped without queueing any."""
+    def retry_after(self, images_ahead: int) -> int:
+        """Whole seconds until `images_ahead` queued images have likely been inferred (at least 1)."""
+        batches = math.ceil(images_ahead / self.max_batch)
+        return max(1, math.ceil(batches * self.max_batch * self._seconds_per_image))
+
+    def full(self) -> bool:
+        """No room for even one more image."""
+        return len(self._queue) + self._reserved >= self.max_queue
+
+    def reserve(self, size: int) -> Reservation:
+        """Admit a request's images before they are decoded, or raise QueueFull / BatcherStopped.
+
+        Images being decoded count against `max_queue` with the queued ones, so a flood is refused before
+        any upload is decoded, and 429s come back in the time it takes to read the headers.
+        """
         if self._closed or not self.alive:
             raise BatcherStopped("not accepting work")
-        if len(self._queue) + len(arrays) > self.max_queue:
-            batches_ahead = math.ceil((len(self._queue) + len(arrays)) / self.max_batch)
-            raise QueueFull(max(1, math.ceil(batches_ahead * self.max_batch * self._seconds_per_image)))
+        ahead = len(self._queue) + self._reserved + size
+        if ahead > self.max_queue:
+            raise QueueFull(self.retry_after(ahead))
+        self._reserved += size
+        return Reservation(self, size)
+
+    def submit(self, arrays: Sequence[np.ndarray], timeout: float, reservation: Reservation | None = None) -> Ticket:
+        """Queue a request's images at once (into its reservation, if it holds one), or raise QueueFull /
+        BatcherStopped without queueing any."""
+        if reservation is not None:
+            reservation.release()
+        if self._closed or not self.alive:
+            raise BatcherStopped("not accepting work")
+        if reservation is None and len(self._queue) + self._reserved + len(arrays) > self.max_queue:
+            raise QueueFull(self.retry_after(len(self._queue) + self._reserved + len(arrays)))
         loop = asyncio.get_running_loop()
         now = loop.time()
         ticket = Ticket(len(arrays), now, now + timeout, loop.create_future(), remaining=len(arrays))
@@ -153,15 +193,16 @@ class Batcher:
         try:
             await asyncio.wait_for(ticket.future, max(timeout, 0.0))
         except TimeoutError:
-            self._drop(ticket)
+            self.cancel(ticket)
             raise DeadlineExceeded from None
         except asyncio.CancelledError:
-            self._drop(ticket)
+            self.cancel(ticket)
             raise
         assert ticket.logits is not None and ticket.embedding is not None
         return ticket.logits, ticket.embedding
 
-    def _drop(self, ticket: Ticket) -> None:
+    def cancel(self, ticket: Ticket) -> None:
+        """Drop a request at once: its queued images never reach the model."""
         if not ticket.future.done():
             ticket.future.cancel()
         self._queue = deque(item for item in self._queue if item.ticket is not ticket)

@@ -60,6 +60,12 @@ def error_response(request: Request, code: str, message: str, headers: dict[str,
     return JSONResponse(body, status_code=ERRORS[code][0], headers=headers)
 
 
+def _client_message(error: dict[str, object]) -> str:
+    """A validation message without Python type names ("Expected UploadFile, received: <class 'str'>")."""
+    message = str(error.get("msg", ""))
+    return "expected a file upload" if "UploadFile" in message else message.split(", received")[0]
+
+
 _STATUS_CODES = {400: "malformed_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                  413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_parameter"}  # fmt: skip
 
@@ -78,7 +84,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5]]
+        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {_client_message(e)}" for e in exc.errors()[:5]]
         return error_response(request, "invalid_parameter", "; ".join(problems) or ERRORS["invalid_parameter"][1])
 
     @app.exception_handler(Exception)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import Request, UploadFile
 
-from .batcher import BatcherStopped, DeadlineExceeded, InferenceFailed, QueueFull
+from .batcher import BatcherStopped, DeadlineExceeded, InferenceFailed, QueueFull, Reservation
 from .errors import ServiceError
 from .preprocess import ImageError, preprocess
 from .state import ServiceState
@@ -48,7 +48,8 @@ def _ensure_ready(state: ServiceState) -> None:
         raise ServiceError("not_ready", "the model is still loading; retry shortly", {"retry-after": "1"})
 
 
-async def _decode_all(state: ServiceState, images: list[UploadFile]) -> list[np.ndarray]:
+def _admit(state: ServiceState, images: list[UploadFile]) -> Reservation:
+    """Checks that need no pixel: image count, declared part types, then room in the queue."""
     settings = state.settings
     if len(images) > settings.max_images_per_request:
         raise ServiceError("too_many_images", f"at most {settings.max_images_per_request} images per request")
@@ -56,6 +57,17 @@ async def _decode_all(state: ServiceState, images: list[UploadFile]) -> list[np.
         declared = (upload.content_type or "").split(";")[0].strip().lower()
         if declared not in ACCEPTED_PART_TYPES:
             raise ServiceError("unsupported_media_type", f"image {i}: content type {declared!r} is not accepted")
+    assert state.batcher is not None
+    try:
+        return state.batcher.reserve(len(images))
+    except QueueFull as exc:
+        raise ServiceError("overloaded", headers={"retry-after": str(exc.retry_after)}) from None
+    except BatcherStopped:
+        raise ServiceError("draining" if state.draining else "not_ready") from None
+
+
+async def _decode_all(state: ServiceState, images: list[UploadFile]) -> list[np.ndarray]:
+    settings = state.settings
     datas = [await upload.read() for upload in images]
     assert state.model is not None
     cfg = state.model.card.preprocess
@@ -82,18 +94,19 @@ async def _client_gone(request: Request) -> None:
 async def run_images(request: Request, state: ServiceState, images: list[UploadFile]) -> Outputs:
     """Preprocess and infer a request's images, mapping every failure to the error table."""
     _ensure_ready(state)
-    started = time.perf_counter()
-    arrays = await _decode_all(state, images)
-    preprocess_ms = (time.perf_counter() - started) * 1000
-    elapsed = time.perf_counter() - request.state.started
     batcher = state.batcher
     assert batcher is not None
+    reservation = _admit(state, images)
+    started = time.perf_counter()
     try:
-        ticket = batcher.submit(arrays, timeout=state.settings.request_timeout_s - elapsed)
-    except QueueFull as exc:
-        raise ServiceError("overloaded", headers={"retry-after": str(exc.retry_after)}) from None
+        arrays = await _decode_all(state, images)
+        elapsed = time.perf_counter() - request.state.started
+        ticket = batcher.submit(arrays, timeout=state.settings.request_timeout_s - elapsed, reservation=reservation)
     except BatcherStopped:
         raise ServiceError("draining" if state.draining else "not_ready") from None
+    finally:
+        reservation.release()  # a no-op once submit() took it over
+    preprocess_ms = (time.perf_counter() - started) * 1000
     waiter = asyncio.ensure_future(batcher.wait(ticket))
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
@@ -101,7 +114,8 @@ async def run_images(request: Request, state: ServiceState, images: list[UploadF
     finally:
         watcher.cancel()
         if not waiter.done():
-            waiter.cancel()  # the client left (or we are cancelled): drop its images before they reach the model
+            batcher.cancel(ticket)  # the client left (or we are cancelled): its images never reach the model
+            waiter.cancel()
     if not waiter.done() or waiter.cancelled():
         raise ServiceError("client_closed_request")
     try:

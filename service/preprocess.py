@@ -18,6 +18,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # The service enforces its own pixel limit before decoding; PIL's global bomb check would fire first, as a
 # warning or an error that depends on a process-wide constant rather than on the configuration.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow warns about odd but decodable files (corrupt EXIF, oversized TIFF tags); they are served. One filter
+# for Pillow's modules, set once: warnings.catch_warnings() around each decode is not thread-safe before
+# Python 3.14 and the decode pool runs many at once.
+warnings.filterwarnings("ignore", module=r"PIL\.")
 
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 # MPO: a JPEG carrying extra images (phones, 3-D cameras); browsers show, and we decode, the first one.
@@ -100,25 +104,22 @@ def crop_box(width: int, height: int, size: int) -> tuple[int, int]:
 
 def decode(data: bytes, cfg: PreprocessConfig, max_pixels: int, draft: bool = False) -> Image.Image:
     """Bytes -> upright RGB image. With `draft`, large JPEGs are decoded at a reduced DCT scale."""
-    with warnings.catch_warnings():
-        # Header parsing warns too (a TIFF with corrupt EXIF tags), not only load(): under an "error" warnings
-        # filter that escaped as a UserWarning, neither an image nor an ImageError (a 500 from the service).
-        warnings.simplefilter("ignore")
+    try:
         img = open_image(data, max_pixels)
+    except Warning as exc:  # only where warnings are made errors (python -W error): refuse, never crash
+        raise ImageError("invalid_image", "the image data is corrupt") from exc
     try:
         if draft and img.format in _JPEG_FORMATS:
             # Keep the shorter side >= resize_size so the resize still only shrinks.
             scale = cfg.resize_size / min(img.size)
             img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow warns on odd-but-decodable files; they are served
-            img.seek(0)  # the first frame of an animation
-            img.load()
-            img = ImageOps.exif_transpose(img)  # reading EXIF warns on corrupt EXIF, as the header parse does
+        img.seek(0)  # the first frame of an animation
+        img.load()
+        img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, Warning) as exc:
         raise ImageError("invalid_image", "the image data is truncated or corrupt") from exc
 
 

@@ -40,6 +40,13 @@ class ServiceState:
             reasons.append("batch worker not started")
         return reasons
 
+    def overloaded(self) -> int | None:
+        """Retry-After seconds when the queue has no room for even one image, else None."""
+        batcher = self.batcher
+        if batcher is None or not batcher.full():
+            return None
+        return batcher.retry_after(batcher.depth)
+
     @property
     def worker_dead(self) -> bool:
         """The batch worker ran and stopped on its own: the process can no longer serve."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -32,13 +33,17 @@ def fake_card(input_size: int = FAKE_SIZE) -> ModelCard:
     )
 
 
+@functools.cache
+def _weights(features: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((features, 1000)) / np.sqrt(features)
+
+
 def fake_outputs(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The fake forward: each row depends only on its own image, so answers can be checked per image."""
     n = batch.shape[0]
     flat = batch.reshape(n, -1).astype(np.float64)
     embedding = flat[:, :FAKE_DIM] + flat.mean(axis=1, keepdims=True)
-    weights = np.random.default_rng(0).standard_normal((flat.shape[1], 1000)) / np.sqrt(flat.shape[1])
-    logits = flat @ weights
+    logits = flat @ _weights(flat.shape[1])
     return logits.astype(np.float32), embedding.astype(np.float32)
 
 
