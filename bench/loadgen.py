@@ -5,7 +5,8 @@ request as soon as the previous answer arrives, like Triton's perf_analyzer in c
         --photos DIR
 
 Prints one JSON object: requests and images completed in the measurement window, their rate, latency
-percentiles, and counts by status (connection errors included).
+percentiles, and counts by status (connection errors included). The window opens only once every client
+has had an answer, so a slow, deep queue is measured in its steady state.
 """
 
 from __future__ import annotations
@@ -37,17 +38,23 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
 async def drive(
     url: str, route: str, concurrency: int, images: int, photos: list[bytes], duration: float, warmup: float
 ) -> dict[str, Any]:
-    """Run the closed loop; only requests that start and end inside the window are counted."""
+    """Run the closed loop and measure one stable window.
+
+    The window opens once `warmup` has passed AND every client has had an answer (at high concurrency one
+    round trip can exceed any fixed warm-up), and lasts `duration`. Throughput and latency are taken from the
+    requests that complete inside the window, as perf_analyzer does.
+    """
     loop = asyncio.get_running_loop()
     start = loop.time()
-    window = (start + warmup, start + warmup + duration)
+    answered: set[int] = set()
+    window: list[float] = []  # [open, close], set once steady
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async def client(worker: int, http: httpx.AsyncClient) -> None:
         i = worker
-        while loop.time() < window[1]:
+        while not window or loop.time() < window[1]:
             files = [("images", (f"{i}-{j}.jpg", photos[(i + j) % len(photos)], "image/jpeg")) for j in range(images)]
             i += concurrency
             sent = loop.time()
@@ -58,18 +65,22 @@ async def drive(
                 status = type(exc).__name__
                 await asyncio.sleep(0.05)
             done = loop.time()
-            if sent >= window[0] and done <= window[1]:
+            answered.add(worker)
+            if window and window[0] <= done <= window[1]:
                 statuses[status] += 1
                 if status == "200":
                     latencies.append(done - sent)
+            elif not window and len(answered) == concurrency and done - start >= warmup:
+                window.extend([done, done + duration])
 
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         await asyncio.gather(*(client(w, http) for w in range(concurrency)))
     ok = statuses["200"]
     return {
         "concurrency": concurrency,
         "images_per_request": images,
         "window_s": duration,
+        "warmup_s": (window[0] - start) if window else float("nan"),
         "requests": ok,
         "images": ok * images,
         "requests_per_s": ok / duration,

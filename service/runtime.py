@@ -50,6 +50,9 @@ class OrtModel:
         options.intra_op_num_threads = settings.intra_op_threads
         options.inter_op_num_threads = settings.inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spin = "1" if settings.ort_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         chain = _provider_chain(settings)
         if settings.providers != "cpu" and hasattr(ort, "preload_dlls"):
             try:

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     top_k_max: int = Field(100, ge=1, description="largest top_k accepted")
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0: one per physical core)")
     inter_op_threads: int = Field(1, ge=0, description="ORT inter-op threads")
+    ort_spinning: bool = Field(
+        True, description="let idle ORT threads spin for work (lower latency; costs CPU that decoding could use)"
+    )
     decode_threads: int = Field(
         default_factory=lambda: min(4, os.cpu_count() or 1), ge=1, description="image decode/preprocess threads"
     )
