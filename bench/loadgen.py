@@ -41,18 +41,21 @@ async def drive(
     """Run the closed loop and measure one stable window.
 
     The window opens once `warmup` has passed AND every client has had an answer (at high concurrency one
-    round trip can exceed any fixed warm-up), and lasts `duration`. Throughput and latency are taken from the
-    requests that complete inside the window, as perf_analyzer does.
+    round trip can exceed any fixed warm-up), and lasts `duration` or three of the slowest round trips seen
+    so far, whichever is longer, so even a deep queue is sampled over several cycles. Throughput and latency
+    are taken from the requests that complete inside the window, as perf_analyzer does.
     """
     loop = asyncio.get_running_loop()
     start = loop.time()
     answered: set[int] = set()
     window: list[float] = []  # [open, close], set once steady
     latencies: list[float] = []
+    slowest = 0.0  # longest round trip before the window opened
     statuses: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async def client(worker: int, http: httpx.AsyncClient) -> None:
+        nonlocal slowest
         i = worker
         while not window or loop.time() < window[1]:
             files = [("images", (f"{i}-{j}.jpg", photos[(i + j) % len(photos)], "image/jpeg")) for j in range(images)]
@@ -70,21 +73,24 @@ async def drive(
                 statuses[status] += 1
                 if status == "200":
                     latencies.append(done - sent)
-            elif not window and len(answered) == concurrency and done - start >= warmup:
-                window.extend([done, done + duration])
+            elif not window:
+                slowest = max(slowest, done - sent)
+                if len(answered) == concurrency and done - start >= warmup:
+                    window.extend([done, done + max(duration, 3 * slowest)])
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         await asyncio.gather(*(client(w, http) for w in range(concurrency)))
     ok = statuses["200"]
+    length = window[1] - window[0]
     return {
         "concurrency": concurrency,
         "images_per_request": images,
-        "window_s": duration,
+        "window_s": length,
         "warmup_s": (window[0] - start) if window else float("nan"),
         "requests": ok,
         "images": ok * images,
-        "requests_per_s": ok / duration,
-        "images_per_s": ok * images / duration,
+        "requests_per_s": ok / length,
+        "images_per_s": ok * images / length,
         "statuses": dict(statuses),
         "errors": sum(n for s, n in statuses.items() if s != "200"),
         **percentiles(latencies),
