@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 active = session.get_providers()
 print("onnxruntime", ort.__version__, "active providers:", active)
@@ -44,6 +44,6 @@ python -m bench.model --variant resnest50 --batches 1 8 32 64 --repeats 5 --out 
 
 step "service sweep (fp16, padded batches)"
 python -m bench.serving --model "$WORK/r50-fp16.onnx" --tag "${TAG:-gpu}" --out "$OUT" \
-    --concurrency 1 16 64 --images 1 8 --duration 10 --warmup 3 --ceiling-batches 1 8 32 64 \
+    --concurrency 1 16 64 --images 1 8 --duration 10 --warmup 3 --ceiling-batches 1 8 32 64 --skip-naive \
     --env RESNEST_MAX_BATCH_SIZE=64 RESNEST_PAD_BATCHES=true RESNEST_DECODE_THREADS=12 RESNEST_MAX_QUEUE_SIZE=4096
 step "done"

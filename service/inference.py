@@ -42,8 +42,6 @@ class Outputs:
 
 
 def _ensure_ready(state: ServiceState) -> None:
-    if state.draining and state.batcher is None:
-        raise ServiceError("draining")
     if state.model is None or not state.warmed or state.batcher is None:
         raise ServiceError("not_ready", "the model is still loading; retry shortly", {"retry-after": "1"})
 

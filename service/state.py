@@ -36,8 +36,6 @@ class ServiceState:
             reasons.append("batch worker stopped")
         elif self.batcher is not None and self.batcher.stalled_for() > self.settings.request_timeout_s:
             reasons.append("inference stalled")
-        elif self.batcher is None and self.warmed:
-            reasons.append("batch worker not started")
         return reasons
 
     def overloaded(self) -> int | None:
