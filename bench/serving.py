@@ -300,6 +300,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("concurrency (clients)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    ax_tp.set_ylim(bottom=0)  # throughput from zero: no exaggerated gaps
     ax_lat.set_yscale("log")
     ax_tp.legend(fontsize=7)
     fig.suptitle(f"{result['variant']} on {summary(result['machine'])}", fontsize=8)
