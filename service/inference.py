@@ -46,6 +46,11 @@ def _ensure_ready(state: ServiceState) -> None:
         raise ServiceError("not_ready", "the model is still loading; retry shortly", {"retry-after": "1"})
 
 
+def _stopped(state: ServiceState) -> ServiceError:
+    """The answer when the batcher refuses work: shutting down, or its worker is gone."""
+    return ServiceError("draining" if state.draining else "not_ready")
+
+
 def _admit(state: ServiceState, images: list[UploadFile]) -> Reservation:
     """Checks that need no pixel: image count, declared part types, then room in the queue."""
     settings = state.settings
@@ -61,7 +66,7 @@ def _admit(state: ServiceState, images: list[UploadFile]) -> Reservation:
     except QueueFull as exc:
         raise ServiceError("overloaded", headers={"retry-after": str(exc.retry_after)}) from None
     except BatcherStopped:
-        raise ServiceError("draining" if state.draining else "not_ready") from None
+        raise _stopped(state) from None
 
 
 async def _decode_all(state: ServiceState, images: list[UploadFile]) -> list[np.ndarray]:
@@ -101,7 +106,7 @@ async def run_images(request: Request, state: ServiceState, images: list[UploadF
         elapsed = time.perf_counter() - request.state.started
         ticket = batcher.submit(arrays, timeout=state.settings.request_timeout_s - elapsed, reservation=reservation)
     except BatcherStopped:
-        raise ServiceError("draining" if state.draining else "not_ready") from None
+        raise _stopped(state) from None
     finally:
         reservation.release()  # a no-op once submit() took it over
     preprocess_ms = (time.perf_counter() - started) * 1000
