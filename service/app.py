@@ -13,13 +13,16 @@ from fastapi import FastAPI
 from .batcher import Batcher
 from .errors import install_handlers
 from .metrics import Metrics
-from .middleware import RequestContextMiddleware, UploadLimitMiddleware
+from .middleware import LingeringCloseMiddleware, RequestContextMiddleware, UploadLimitMiddleware
 from .routes import build_router
 from .runtime import InferenceModel, OrtModel, warm_up
 from .settings import Settings
 from .state import ServiceState
 
 log = logging.getLogger("service")
+# How long a refused upload may keep sending before the server closes on it: enough for a 20 MiB body at
+# 32 Mbit/s; the bytes are discarded as they arrive, so a slow sender costs a socket, not memory.
+LINGER_SECONDS = 5.0
 
 
 async def _start(state: ServiceState, model: InferenceModel | None) -> None:
@@ -81,4 +84,6 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
     app.include_router(build_router(state))
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes, overloaded=state.overloaded)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, draining=lambda: state.draining)
+    # Outermost, so a refused upload's remaining bytes are drained after its metrics are recorded.
+    app.add_middleware(LingeringCloseMiddleware, seconds=LINGER_SECONDS, max_bytes=4 * settings.max_upload_bytes)
     return app
