@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="measurement window per point (s)")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured ramp-up per point (s)")
     parser.add_argument("--ceiling-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--ceiling-seconds", type=float, default=8.0, help="timed runs per ceiling batch size (s)")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--soak-requests", type=int, default=0, help="requests for the memory soak (0: none)")
     parser.add_argument("--soak-model", type=Path, help="model for the soak (default: --model)")
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print("preprocessing cost ...", file=sys.stderr, flush=True)
         pre = preprocess_cost(photos, card)
         print("ceiling ...", file=sys.stderr, flush=True)
-        ceil = ceiling(args.model, photos, args.ceiling_batches)
+        ceil = ceiling(args.model, photos, args.ceiling_batches, args.ceiling_seconds)
         print(f"  {ceil['images_per_s']:.1f} img/s at batch {ceil['best_batch']}", file=sys.stderr, flush=True)
         result: dict[str, Any] = {"variant": card.variant, "model": str(args.model), "machine": describe(),
                                   "settings": settings, "preprocess": pre, "ceiling": ceil, "naive": []}  # fmt: skip
