@@ -309,10 +309,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def _row(label: str, r: dict[str, Any]) -> str:
+    nan = float("nan")
     cells = [
         label, r["concurrency"], r["images_per_request"], f"{r['images_per_s']:.1f}", f"{r['p50_ms']:.0f}",
         f"{r['p90_ms']:.0f}", f"{r['p99_ms']:.0f}", r["errors"], f"{r.get('mean_batch_size', float('nan')):.2f}",
-        f"{r['server_cpu_percent']:.0f}", f"{r['server_rss_mib']:.0f}",
+        f"{r['server_cpu_percent']:.0f}", f"{r['server_rss_mib']:.0f}", f"{r.get('client_cpu_percent', nan):.0f}",
     ]  # fmt: skip
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -332,8 +333,9 @@ def write(result: dict[str, Any], out: Path, tag: str) -> None:
         f"- Preprocessing alone (decode, resize, crop, normalise; 500 px JPEG): {pre['ms_per_image']:.2f} ms/image "
         f"= {pre['images_per_s_per_core']:.0f} img/s per core.",
         "",
-        "| server | clients | img/req | img/s | p50 ms | p90 ms | p99 ms | errors | mean batch | CPU % | RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server | clients | img/req | img/s | p50 ms | p90 ms | p99 ms | errors | mean batch | CPU % | RSS MiB "
+        "| client CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_row(label, r) for label in ("ours", "naive") for r in result[label]]
     if soaked := result.get("soak"):

@@ -190,6 +190,16 @@ def test_compose_balancer_runs_the_tested_haproxy_config() -> None:
     assert "LB_BIND" in lb["environment"]
 
 
+def test_compose_balancer_image_is_the_haproxy_series_the_tests_run() -> None:
+    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not Path(binary).exists():
+        pytest.fail("haproxy is not installed: run `make lb` (installs Debian's haproxy package)", pytrace=False)
+    banner = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10).stdout
+    tested = re.search(r"HAProxy version (\d+\.\d+)", banner)
+    assert tested, banner
+    assert compose()["services"]["lb"]["image"] == f"haproxy:{tested.group(1)}"
+
+
 def test_compose_gpu_profile_reserves_an_nvidia_device() -> None:
     gpu = [s for s in compose()["services"].values() if "gpu" in s.get("profiles", [])]
     assert gpu, "no service in the gpu profile"
