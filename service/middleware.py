@@ -36,6 +36,7 @@ def _close_delimiter(content_type: str) -> bytes | None:
 
 
 def _declares_body(scope: Scope) -> bool:
+    """Whether the request says a body follows (a non-zero Content-Length, or chunked)."""
     length = _header(scope, b"content-length")
     return _header(scope, b"transfer-encoding") is not None or (length is not None and length.strip() not in ("", "0"))
 
