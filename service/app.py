@@ -82,7 +82,12 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
     app.state.service = state
     install_handlers(app)
     app.include_router(build_router(state))
-    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes, overloaded=state.overloaded)
+    app.add_middleware(
+        UploadLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        max_requests=settings.max_concurrent_requests,
+        overloaded=state.overloaded,
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics, draining=lambda: state.draining)
     # Outermost, so a refused upload's remaining bytes are drained after its metrics are recorded.
     app.add_middleware(LingeringCloseMiddleware, seconds=LINGER_SECONDS, max_bytes=4 * settings.max_upload_bytes)

@@ -139,15 +139,25 @@ class RequestContextMiddleware:
 
 
 class UploadLimitMiddleware:
-    """On upload routes: 415 unless multipart/form-data, 413 as soon as the body passes `max_bytes`.
+    """On upload routes: 415 unless multipart/form-data, 413 as soon as the body passes `max_bytes`, 429 when
+    `max_requests` uploads are already in progress or the queue is full.
 
     A declared Content-Length over the limit is refused before a byte is read; a chunked body is counted
     as it streams in, so an oversized upload is never buffered, in memory or on disk. A body that ends
-    before its closing boundary is a 400 (malformed_request).
+    before its closing boundary is a 400 (malformed_request). Uploads are parsed (spooled to disk past
+    1 MiB a part) before the batcher admits their images, so the count of requests in progress is what bounds
+    the memory and disk that uploads can hold at once.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, overloaded: Callable[[], int | None] = lambda: None) -> None:
-        self.app, self.max_bytes, self.overloaded = app, max_bytes, overloaded
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        max_requests: int = 1 << 30,
+        overloaded: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        self.app, self.max_bytes, self.max_requests, self.overloaded = app, max_bytes, max_requests, overloaded
+        self.active = 0  # upload requests between admission here and their answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in UPLOAD_ROUTES or scope["method"] != "POST":
@@ -161,10 +171,10 @@ class UploadLimitMiddleware:
             refusal = ("unsupported_media_type", "send the images as multipart/form-data")
         elif length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             refusal = ("payload_too_large", f"the request body exceeds {self.max_bytes} bytes")
-        elif (retry_after := self.overloaded()) is not None:
-            # No room for even one image: refuse before reading (and holding) the upload.
+        elif (retry_after := self.overloaded()) is not None or self.active >= self.max_requests:
+            # No room for even one image, or for one more upload: refuse before reading (and holding) the body.
             refusal = ("overloaded", ERRORS["overloaded"][1])
-            headers["retry-after"] = str(retry_after)
+            headers["retry-after"] = str(retry_after or 1)
         if refusal is not None:
             # Answered before the body is read; LingeringCloseMiddleware discards what the client still sends.
             code, message = refusal
@@ -194,4 +204,8 @@ class UploadLimitMiddleware:
                     raise ServiceError("malformed_request", "the multipart body ends before its closing boundary")
             return message
 
-        await self.app(scope, counting_receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, counting_receive, send)
+        finally:
+            self.active -= 1

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         0.0, ge=0, le=1000, description="when idle, wait this long for more images to fill a batch"
     )
     max_queue_size: int = Field(64, ge=1, description="most images waiting for inference; beyond it: 429")
+    max_concurrent_requests: int = Field(
+        256,
+        ge=1,
+        description="most /classify and /embed requests in progress at once (read, decoded or queued); beyond: 429",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="deadline per request, queueing included; then 504")
     max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="most bytes in one request body; beyond: 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="most pixels (width x height) per image; beyond: 413")

@@ -578,3 +578,52 @@ def test_sigterm_with_large_multi_image_requests_in_flight_completes_every_accep
     assert refused and closes_at >= grace - 0.1
     assert straddling, "requests must have been in flight when the listener closed"
     assert "Traceback" not in server.log()
+
+
+def test_uploads_in_progress_are_capped_with_fast_429s_and_the_cap_frees_as_they_end(
+    server_factory, tiny_onnx: Path
+) -> None:
+    server = server_factory({"RESNEST_MODEL_PATH": str(tiny_onnx), "RESNEST_MAX_CONCURRENT_REQUESTS": "2"})
+    body = multipart([photo(1), photo(2)])
+    request = raw_post("/classify", body)
+
+    async def main() -> tuple[list[RawAnswer], RawAnswer, list[RawAnswer]]:
+        # Two slow uploads: everything but the last 100 bytes, so each is in progress (being read) and held.
+        held = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(request[:-100])
+            await writer.drain()
+            held.append((reader, writer))
+        await until_async(lambda: inflight(server.url) >= 3)  # the two uploads plus the scrape itself
+        refused = [await send_raw(server.port, request) for _ in range(3)]
+        # Finishing one upload frees its place: the next request is served.
+        reader, writer = held.pop()
+        writer.write(request[-100:])
+        first = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        served = await send_raw(server.port, request)
+        reader, writer = held.pop()
+        writer.close()  # a client that gives up mid-upload frees its place too
+        await until_async(lambda: inflight(server.url) == 1)
+        after = [await send_raw(server.port, request) for _ in range(2)]
+        return refused, RawAnswer(int(first.split(b" ", 2)[1]), 0.0, {}, b""), [served, *after]
+
+    refused, first, served = run(main())
+    print(f"\ncap 2: while 2 uploads were held: {[a.status for a in refused]}; then {[a.status for a in served]}")
+    assert [a.status for a in refused] == [429, 429, 429]
+    assert all(int(a.headers["retry-after"]) >= 1 and b'"overloaded"' in a.body for a in refused)
+    assert first.status == 200
+    assert [a.status for a in served] == [200, 200, 200]
+
+
+def inflight(url: str) -> float:
+    return metric(httpx.get(f"{url}/metrics").text, "resnest_inflight_requests")
+
+
+async def until_async(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a condition that does blocking I/O, off the event loop, until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(condition):
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
