@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -126,3 +127,36 @@ def server_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     yield start
     for server in started:
         server.stop()
+
+
+@dataclass
+class RawAnswer:
+    status: int | str  # an int, or the name of the transport error
+    seconds: float
+    headers: dict[str, str]
+    body: bytes
+
+
+def parse_answer(data: bytes, seconds: float) -> RawAnswer:
+    """A raw HTTP/1.1 answer as read off the socket -> status, headers and body."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head:
+        return RawAnswer("empty answer", seconds, {}, b"")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return RawAnswer(int(status_line.split()[1]), seconds, headers, body)
+
+
+async def send_raw(port: int, request: bytes) -> RawAnswer:
+    """Send bytes on a fresh connection, written whole before reading as most clients do, and read the whole
+    answer (the server closes: Connection: close)."""
+    started = time.perf_counter()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+    except (OSError, TimeoutError) as exc:
+        return RawAnswer(type(exc).__name__, time.perf_counter() - started, {}, b"")
+    return parse_answer(data, time.perf_counter() - started)

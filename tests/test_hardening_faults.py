@@ -14,7 +14,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,7 +25,7 @@ from service.app import create_app
 from service.postprocess import softmax
 from service.preprocess import preprocess
 from service.settings import Settings
-from tests.conftest import app_client, run
+from tests.conftest import RawAnswer, app_client, parse_answer, run, send_raw
 from tests.fakes import FakeModel, fake_outputs
 
 BOUNDARY = "faults-b0undary"
@@ -60,34 +59,6 @@ def raw_post(path: str, body: bytes) -> bytes:
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
-
-
-@dataclass
-class RawAnswer:
-    status: int | str  # an int, or the name of the transport error
-    seconds: float
-    headers: dict[str, str]
-    body: bytes
-
-
-async def send_raw(port: int, request: bytes) -> RawAnswer:
-    """Send bytes on a fresh connection and read the whole answer (the server closes: Connection: close)."""
-    started = time.perf_counter()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 60)
-        writer.close()
-    except (OSError, TimeoutError) as exc:
-        return RawAnswer(type(exc).__name__, time.perf_counter() - started, {}, b"")
-    elapsed = time.perf_counter() - started
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head:
-        return RawAnswer("empty answer", elapsed, {}, b"")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return RawAnswer(int(status_line.split()[1]), elapsed, headers, body)
 
 
 def metric(text: str, name: str) -> float:
@@ -595,19 +566,20 @@ def test_uploads_in_progress_are_capped_with_fast_429s_and_the_cap_frees_as_they
             writer.write(request[:-100])
             await writer.drain()
             held.append((reader, writer))
-        await until_async(lambda: inflight(server.url) >= 3)  # the two uploads plus the scrape itself
+        # The two uploads plus the scrape itself (the server is another process: a blocking poll is fine here).
+        await until(lambda: inflight(server.url) >= 3, timeout=10)
         refused = [await send_raw(server.port, request) for _ in range(3)]
         # Finishing one upload frees its place: the next request is served.
         reader, writer = held.pop()
         writer.write(request[-100:])
-        first = await asyncio.wait_for(reader.read(), 30)
+        first = parse_answer(await asyncio.wait_for(reader.read(), 30), 0.0)
         writer.close()
         served = await send_raw(server.port, request)
         reader, writer = held.pop()
         writer.close()  # a client that gives up mid-upload frees its place too
-        await until_async(lambda: inflight(server.url) == 1)
+        await until(lambda: inflight(server.url) == 1, timeout=10)
         after = [await send_raw(server.port, request) for _ in range(2)]
-        return refused, RawAnswer(int(first.split(b" ", 2)[1]), 0.0, {}, b""), [served, *after]
+        return refused, first, [served, *after]
 
     refused, first, served = run(main())
     print(f"\ncap 2: while 2 uploads were held: {[a.status for a in refused]}; then {[a.status for a in served]}")
@@ -619,11 +591,3 @@ def test_uploads_in_progress_are_capped_with_fast_429s_and_the_cap_frees_as_they
 
 def inflight(url: str) -> float:
     return metric(httpx.get(f"{url}/metrics").text, "resnest_inflight_requests")
-
-
-async def until_async(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll a condition that does blocking I/O, off the event loop, until it holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(condition):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
