@@ -5,39 +5,52 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
+import time
 from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
 
 from .app import create_app
-from .settings import Settings, describe_settings
+from .settings import LATE_REQUEST_WAIT_S, Settings, describe_settings
+from .state import ServiceState
 
 log = logging.getLogger("service")
-_LATE_REQUEST_WAIT_S = 0.3
+
+# Exit codes, so an orchestrator's record tells the outcomes apart.
+EXIT_OK, EXIT_START_FAILED, EXIT_BAD_CONFIG, EXIT_SHUTDOWN_TIMEOUT = 0, 1, 2, 3
+# Before the shutdown deadline, requests still in flight are answered 503 and their connections closed.
+ANSWER_RESERVE_S = 0.5
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn that answers SIGTERM the way load balancers need.
+    """uvicorn that answers SIGTERM the way load balancers and the kubelet need, within one budget.
 
-    First SIGTERM: /readyz turns 503 at once while requests are still served for `grace` seconds (time for
-    the balancer to notice), then uvicorn stops accepting, finishes in-flight requests and the process exits
-    0. A second SIGTERM or SIGINT skips the grace.
+    First SIGTERM: /readyz turns 503 at once while requests are still served for `drain_grace_s` (time for
+    the balancer to notice), then the listener closes and in-flight requests finish. The whole stop, from
+    the signal to the process's exit, takes at most `shutdown_timeout_s`: past it what is still in flight
+    is answered 503, and a watchdog ends the process with EXIT_SHUTDOWN_TIMEOUT even if an inference call
+    never returns. A second SIGTERM or SIGINT skips the grace, not the budget.
     """
 
-    def __init__(self, config: uvicorn.Config, state: object, grace: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServiceState, settings: Settings) -> None:
         super().__init__(config)
-        self._state, self._grace = state, grace
+        self._state, self._grace, self._budget = state, settings.drain_grace_s, settings.shutdown_timeout_s
         self._timer: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._state.draining = True  # type: ignore[attr-defined]
+        state = self._state
+        if state.shutdown_deadline is None:
+            state.shutdown_deadline = time.monotonic() + self._budget
+            threading.Thread(target=self._watchdog, name="shutdown-watchdog", daemon=True).start()
+        state.draining = True
         if sig == signal.SIGTERM and self._timer is None and self._grace > 0:
-            log.info("SIGTERM: draining, still serving for %.1fs", self._grace)
+            log.info("SIGTERM: draining, still serving for %.1fs; exiting within %.1fs", self._grace, self._budget)
             self._timer = threading.Timer(self._grace, self._exit)
             self._timer.daemon = True
             self._timer.start()
@@ -50,19 +63,63 @@ class DrainingServer(uvicorn.Server):
         # no longer be 0.
         self.should_exit = True
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            # The real port (RESNEST_PORT=0 binds any free one): tests and scripts read it from this line.
+            for server in self.servers:
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+                    log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = self._state
+        if state.shutdown_deadline is None:  # asked to stop without a signal: the budget starts now
+            state.shutdown_deadline = time.monotonic() + self._budget - self._grace
         # Stop accepting first, then give connections accepted an instant ago time to deliver their request:
         # uvicorn would otherwise close them unread, and their clients could not tell they were never served.
         for server in self.servers:
             server.close()
         for sock in sockets or []:
             sock.close()
-        await asyncio.sleep(_LATE_REQUEST_WAIT_S)
-        await super().shutdown()
+        await asyncio.sleep(LATE_REQUEST_WAIT_S)
+        loop = asyncio.get_running_loop()
+        abort_in = state.shutdown_deadline - ANSWER_RESERVE_S - time.monotonic()
+        abort = loop.call_later(max(abort_in, 0.0), self._abort_inflight)
+        # uvicorn cancels what is still running at this timeout: after the aborted requests had their 503.
+        self.config.timeout_graceful_shutdown = max(abort_in + ANSWER_RESERVE_S / 2, 0.0)  # type: ignore[assignment]
+        try:
+            await super().shutdown()
+        finally:
+            abort.cancel()
+
+    def _abort_inflight(self) -> None:
+        """The budget is nearly spent: answer every request still waiting for inference with 503."""
+        batcher = self._state.batcher
+        failed = batcher.abort("the shutdown deadline passed before this request was inferred") if batcher else 0
+        if failed or (batcher is not None and batcher.busy):
+            self._state.shutdown_timed_out = True
+            log.error("shutdown budget of %.1fs nearly spent: answered %d request(s) 503", self._budget, failed)
+
+    def _watchdog(self) -> None:
+        """Exit at the deadline whatever the process is doing (a stuck ONNX Runtime call, a blocked loop)."""
+        deadline = self._state.shutdown_deadline
+        assert deadline is not None
+        time.sleep(max(deadline - time.monotonic(), 0.0))
+        log.critical("shutdown budget of %.1fs spent: exiting now (code %d)", self._budget, EXIT_SHUTDOWN_TIMEOUT)
+        _exit_now(EXIT_SHUTDOWN_TIMEOUT)
 
     def _exit(self) -> None:
         log.info("grace period over: closing listeners, finishing in-flight requests")
         self.should_exit = True
+
+
+def _exit_now(code: int) -> None:
+    """Leave at once: joining the inference thread would wait for a call that may never return."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
     except (ValidationError, ValueError) as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_CONFIG
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -89,14 +146,29 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        timeout_graceful_shutdown=None,  # set when the shutdown starts, from what is left of the budget
         access_log=False,
         lifespan="on",
     )
-    server = DrainingServer(config, app.state.service, settings.drain_grace_s)
-    server.run()
+    state: ServiceState = app.state.service
+    server = DrainingServer(config, state, settings)
+    try:
+        server.run()
+    except SystemExit:
+        if server.started:
+            raise
+        # uvicorn exits with its own code when start-up (model load, warm-up, binding the port) fails.
+        return EXIT_START_FAILED
     # uvicorn leaves started == False when start-up (model load, warm-up) failed.
-    return 0 if server.started else 1
+    if not server.started:
+        return EXIT_START_FAILED
+    if state.batcher is not None and state.batcher.busy:
+        log.error("an inference call is still running after shutdown: exiting without waiting for it")
+        _exit_now(EXIT_SHUTDOWN_TIMEOUT)
+    if state.shutdown_timed_out:
+        log.error("shutdown timed out: requests still in flight were answered 503")
+        return EXIT_SHUTDOWN_TIMEOUT
+    return EXIT_OK
 
 
 if __name__ == "__main__":

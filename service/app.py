@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from fastapi import FastAPI
 
 from .batcher import Batcher
 from .errors import install_handlers
+from .limits import check_memory, check_spool, memory_limit_bytes, rss_bytes
 from .metrics import Metrics
 from .middleware import LingeringCloseMiddleware, RequestContextMiddleware, UploadLimitMiddleware
 from .routes import build_router
@@ -27,6 +29,7 @@ LINGER_SECONDS = 5.0
 
 async def _start(state: ServiceState, model: InferenceModel | None) -> None:
     settings = state.settings
+    check_spool(settings)
     if model is None:
         model = await asyncio.to_thread(OrtModel, settings)
     state.model = model
@@ -39,6 +42,8 @@ async def _start(state: ServiceState, model: InferenceModel | None) -> None:
     shapes = settings.batch_shapes()
     log.info("warming up batch sizes %s", shapes)
     await asyncio.to_thread(warm_up, model, shapes)
+    # After warm-up the model's memory (weights, arenas sized by the largest batch) is what it will stay at.
+    check_memory(settings, card.preprocess.input_size, memory_limit_bytes(), rss_bytes())
     state.warmed = True
     state.batcher = Batcher(
         model,
@@ -46,6 +51,7 @@ async def _start(state: ServiceState, model: InferenceModel | None) -> None:
         max_queue=settings.max_queue_size,
         max_delay=settings.max_queue_delay_ms / 1000,
         pad_to=shapes if settings.pad_batches else None,
+        cut_to=shapes,
         observer=state.metrics.observer(),
     )
     state.batcher.start()
@@ -69,7 +75,11 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
         finally:
             state.draining = True
             if state.batcher is not None:
-                await state.batcher.stop(timeout=settings.shutdown_timeout_s)
+                deadline = state.shutdown_deadline
+                left = settings.shutdown_timeout_s if deadline is None else deadline - time.monotonic()
+                # Keep a moment of the budget for the 503s of whatever stop() has to give up on.
+                if not await state.batcher.stop(timeout=left - 0.1):
+                    state.shutdown_timed_out = True
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
             log.info("stopped")
 
@@ -87,6 +97,7 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
         max_bytes=settings.max_upload_bytes,
         max_requests=settings.max_concurrent_requests,
         overloaded=state.overloaded,
+        max_buffered=settings.max_buffered_upload_bytes,
     )
     app.add_middleware(RequestContextMiddleware, metrics=metrics, draining=lambda: state.draining)
     # Outermost, so a refused upload's remaining bytes are drained after its metrics are recorded.

@@ -13,7 +13,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +36,7 @@ class DeadlineExceeded(Exception):
 
 
 class BatcherStopped(Exception):
-    """The batcher is closed (draining) or its worker died."""
+    """The batcher is closed (draining), its worker died, or shutdown ran out of time for this request."""
 
 
 class InferenceFailed(Exception):
@@ -97,7 +97,8 @@ class Batcher:
     max_batch: int
     max_queue: int
     max_delay: float = 0.0
-    pad_to: Sequence[int] | None = None
+    pad_to: Sequence[int] | None = None  # pad each batch up to the smallest of these sizes that holds it
+    cut_to: Sequence[int] | None = None  # or run only the largest of these sizes that the queue fills
     observer: BatchObserver = field(default_factory=BatchObserver)
 
     def __post_init__(self) -> None:
@@ -107,6 +108,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._running_since: float | None = None
+        self._call: Future[tuple[np.ndarray, np.ndarray]] | None = None  # the model call on the thread
         self._inflight: list[Ticket] = []  # tickets of the batch being run
         self._seconds_per_image = 0.05  # EWMA, for Retry-After
         self._reserved = 0  # images admitted and still decoding: they count against max_queue
@@ -124,24 +126,50 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def busy(self) -> bool:
+        """A model call is running on the inference thread (even if the worker gave up waiting for it)."""
+        return self._call is not None and not self._call.done()
+
     def stalled_for(self) -> float:
         """Seconds the current batch has been running (0 when idle)."""
         since = self._running_since
         return 0.0 if since is None else asyncio.get_running_loop().time() - since
 
-    async def stop(self, timeout: float) -> None:
-        """Refuse new work, finish what is queued (up to `timeout`), then release the thread."""
+    async def stop(self, timeout: float) -> bool:
+        """Refuse new work, finish what is queued (up to `timeout`), then release the thread.
+
+        Past `timeout` every request still queued or inside the model fails with BatcherStopped, so its
+        client is answered rather than left waiting. Returns whether everything finished in time.
+        """
         self._closed = True
         self._wake.set()
+        finished = True
         if self._task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+                await asyncio.wait_for(asyncio.shield(self._task), max(timeout, 0.0))
             except TimeoutError:
+                finished = False
                 self._task.cancel()
-                self._fail_all(BatcherStopped("shutdown timeout"))
+                self.abort("shutdown timed out before this request was inferred")
             except Exception:
                 pass  # the worker's death was logged where it happened
         self._executor.shutdown(wait=False, cancel_futures=True)
+        return finished
+
+    def abort(self, reason: str) -> int:
+        """Close, and fail every request still queued or in the running batch; returns how many there were."""
+        self._closed = True
+        self._wake.set()
+        pending = {item.ticket for item in self._queue} | set(self._inflight)
+        failed = 0
+        for ticket in pending:
+            if not ticket.future.done():
+                ticket.future.set_exception(BatcherStopped(reason))
+                failed += 1
+        self._queue.clear()
+        self.observer.on_queue_depth(0)
+        return failed
 
     # -- requests ----------------------------------------------------------------------------------------
     def retry_after(self, images_ahead: int) -> int:
@@ -264,6 +292,11 @@ class Batcher:
                 ticket.future.set_exception(DeadlineExceeded())
                 continue
             items.append(item)
+        if self.cut_to and not self.pad_to and items:
+            # Run the largest warmed shape the queue fills; the rest goes first into the next batch.
+            keep = max((b for b in self.cut_to if b <= len(items)), default=len(items))
+            self._queue.extendleft(reversed(items[keep:]))
+            items = items[:keep]
         self.observer.on_queue_depth(len(self._queue))
         return items
 
@@ -284,7 +317,8 @@ class Batcher:
                 self.observer.on_queue_wait(ticket.queue_wait)
         self._running_since, self._inflight = start, tickets
         try:
-            logits, embedding = await loop.run_in_executor(self._executor, self.model.infer, batch)
+            self._call = self._executor.submit(self.model.infer, batch)
+            logits, embedding = await asyncio.wrap_future(self._call)
         except Exception:
             log.exception("inference failed on a batch of %d image(s); failing only its requests", len(items))
             for ticket in tickets:

@@ -46,9 +46,12 @@ def _ensure_ready(state: ServiceState) -> None:
         raise ServiceError("not_ready", "the model is still loading; retry shortly", {"retry-after": "1"})
 
 
-def _stopped(state: ServiceState) -> ServiceError:
-    """The answer when the batcher refuses work: shutting down, or its worker is gone."""
-    return ServiceError("draining" if state.draining else "not_ready")
+def _stopped(state: ServiceState, reason: BatcherStopped | None = None) -> ServiceError:
+    """The answer when the batcher refuses or drops work: shutting down, or its worker is gone."""
+    if state.draining:
+        message = f"the server is shutting down: {reason}" if reason and str(reason) else None
+        return ServiceError("draining", message)
+    return ServiceError("not_ready", "the batch worker stopped" if reason else None)
 
 
 def _admit(state: ServiceState, images: list[UploadFile]) -> Reservation:
@@ -127,6 +130,6 @@ async def run_images(request: Request, state: ServiceState, images: list[UploadF
         raise ServiceError("deadline_exceeded") from None
     except InferenceFailed:
         raise ServiceError("internal_error") from None
-    except BatcherStopped:
-        raise ServiceError("not_ready", "the batch worker stopped") from None
+    except BatcherStopped as exc:
+        raise _stopped(state, exc) from None
     return Outputs(logits, embedding, preprocess_ms, (ticket.queue_wait or 0.0) * 1000, ticket.inference_time * 1000)

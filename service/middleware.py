@@ -140,13 +140,15 @@ class RequestContextMiddleware:
 
 class UploadLimitMiddleware:
     """On upload routes: 415 unless multipart/form-data, 413 as soon as the body passes `max_bytes`, 429 when
-    `max_requests` uploads are already in progress or the queue is full.
+    `max_requests` uploads are already in progress, when their bodies would pass `max_buffered` bytes, or
+    when the queue is full.
 
     A declared Content-Length over the limit is refused before a byte is read; a chunked body is counted
     as it streams in, so an oversized upload is never buffered, in memory or on disk. A body that ends
     before its closing boundary is a 400 (malformed_request). Uploads are parsed (spooled to disk past
-    1 MiB a part) before the batcher admits their images, so the count of requests in progress is what bounds
-    the memory and disk that uploads can hold at once.
+    1 MiB a part) before the batcher admits their images and held until their answer, so the bytes of all
+    bodies in progress are what the temp-dir spool and memory must hold: a declared body reserves its
+    length before it is read, a chunked one counts as it arrives.
     """
 
     def __init__(
@@ -155,9 +157,12 @@ class UploadLimitMiddleware:
         max_bytes: int,
         max_requests: int = 1 << 30,
         overloaded: Callable[[], int | None] = lambda: None,
+        max_buffered: int = 1 << 62,
     ) -> None:
         self.app, self.max_bytes, self.max_requests, self.overloaded = app, max_bytes, max_requests, overloaded
+        self.max_buffered = max_buffered
         self.active = 0  # upload requests between admission here and their answer
+        self.buffered = 0  # body bytes those requests hold (declared, or received so far when chunked)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in UPLOAD_ROUTES or scope["method"] != "POST":
@@ -171,8 +176,13 @@ class UploadLimitMiddleware:
             refusal = ("unsupported_media_type", "send the images as multipart/form-data")
         elif length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             refusal = ("payload_too_large", f"the request body exceeds {self.max_bytes} bytes")
-        elif (retry_after := self.overloaded()) is not None or self.active >= self.max_requests:
-            # No room for even one image, or for one more upload: refuse before reading (and holding) the body.
+        elif (
+            (retry_after := self.overloaded()) is not None
+            or self.active >= self.max_requests
+            or self.buffered + int(length or 0) > self.max_buffered
+        ):
+            # No room for even one image, for one more upload or for its body: refuse before reading (and
+            # holding) the body.
             refusal = ("overloaded", ERRORS["overloaded"][1])
             headers["retry-after"] = str(retry_after or 1)
         if refusal is not None:
@@ -182,6 +192,7 @@ class UploadLimitMiddleware:
             await JSONResponse(body, status_code=ERRORS[code][0], headers=headers)(scope, receive, send)
             return
         received = 0
+        held = int(length) if length is not None else 0  # bytes counted against max_buffered
         # python-multipart silently drops a part whose closing delimiter never arrives: a body cut short lost
         # its last image without an error (one of two images answered 200) or read as a missing field (422).
         # So the close delimiter must be seen before the body ends; it may straddle two chunks.
@@ -189,13 +200,18 @@ class UploadLimitMiddleware:
         closed, tail = close is None, b""
 
         async def counting_receive() -> Message:
-            nonlocal received, closed, tail
+            nonlocal received, closed, tail, held
             message = await receive()
             if message["type"] == "http.request":
                 chunk: bytes = message.get("body", b"")
                 received += len(chunk)
                 if received > self.max_bytes:
                     raise ServiceError("payload_too_large", f"the request body exceeds {self.max_bytes} bytes")
+                if received > held:  # chunked: nothing was reserved up front
+                    self.buffered += received - held
+                    held = received
+                    if self.buffered > self.max_buffered:
+                        raise ServiceError("overloaded", headers={"retry-after": "1"})
                 if not closed and close is not None:
                     keep = len(close) - 1
                     closed = close in chunk or close in tail + chunk[:keep]
@@ -205,7 +221,9 @@ class UploadLimitMiddleware:
             return message
 
         self.active += 1
+        self.buffered += held
         try:
             await self.app(scope, counting_receive, send)
         finally:
             self.active -= 1
+            self.buffered -= held

@@ -10,6 +10,15 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RESNEST_"
+# After the listener closes, connections accepted an instant before get this long to deliver their request.
+LATE_REQUEST_WAIT_S = 0.3
+# Of the shutdown budget, the least left for in-flight work once the drain grace and late wait are spent.
+MIN_FINISH_S = 1.0
+# Starlette parses each multipart part into memory up to 1 MiB, then spools it to a temporary file.
+UPLOAD_PART_IN_MEMORY_BYTES = 2**20
+# Working memory of one decode, per pixel of the largest image: the decoded image (RGBA at most, 4 bytes),
+# one converted copy (RGB, 3) and the resize's source copy (3); measured paths stay below it.
+DECODE_BYTES_PER_PIXEL = 10
 # Variables with the prefix that belong to other parts of the project (the export's checkpoint cache).
 NOT_SERVICE_SETTINGS = frozenset({"RESNEST_CACHE"})
 
@@ -29,7 +38,9 @@ class Settings(BaseSettings):
     cuda_device_id: int = Field(0, ge=0, description="GPU ordinal for the CUDA EP")
     max_batch_size: int = Field(8, ge=1, le=1024, description="most images in one inference run")
     pad_batches: bool = Field(
-        False, description="pad every batch up to the next power of two (fixed shapes, e.g. for CUDA graphs)"
+        False,
+        description="pad every batch up to the next warmed shape (fixed shapes, e.g. for CUDA graphs); "
+        "without it a batch is cut down to one",
     )
     max_queue_delay_ms: float = Field(
         0.0, ge=0, le=1000, description="when idle, wait this long for more images to fill a batch"
@@ -42,6 +53,12 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(30.0, gt=0, description="deadline per request, queueing included; then 504")
     max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="most bytes in one request body; beyond: 413")
+    max_buffered_upload_bytes: int = Field(
+        160 * 2**20,
+        ge=1024,
+        description="most request-body bytes held at once by all uploads in progress (memory and the temp-dir "
+        "spool); beyond: 429",
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="most pixels (width x height) per image; beyond: 413")
     max_images_per_request: int = Field(16, ge=1, description="most images in one request; beyond: 413")
     top_k_default: int = Field(5, ge=1, description="predictions per image when top_k is not given")
@@ -60,10 +77,15 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(
         5.0, ge=0, description="after SIGTERM: seconds /readyz answers 503 while requests are still served"
     )
-    shutdown_timeout_s: float = Field(30.0, gt=0, description="after the grace: most seconds to finish in-flight work")
+    shutdown_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="after SIGTERM: most seconds until the process exits, drain grace included; what is still "
+        "in flight then gets 503 and the exit code is 3",
+    )
     api_key: SecretStr | None = Field(None, description="if set, /classify, /embed and /model need 'Bearer <key>'")
     host: str = Field("0.0.0.0", description="listen address")
-    port: int = Field(8000, ge=1, le=65535, description="listen port")
+    port: int = Field(8000, ge=0, le=65535, description="listen port (0: any free port, logged at start)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
 
     @model_validator(mode="after")
@@ -74,6 +96,18 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_images_per_request ({self.max_images_per_request}) exceeds max_queue_size "
                 f"({self.max_queue_size}): such a request could never be admitted"
+            )
+        if self.max_upload_bytes > self.max_buffered_upload_bytes:
+            raise ValueError(
+                f"max_upload_bytes ({self.max_upload_bytes}) exceeds max_buffered_upload_bytes "
+                f"({self.max_buffered_upload_bytes}): an upload of the largest allowed size could never be admitted"
+            )
+        finish = self.shutdown_timeout_s - self.drain_grace_s - LATE_REQUEST_WAIT_S
+        if finish < MIN_FINISH_S:
+            raise ValueError(
+                f"shutdown_timeout_s ({self.shutdown_timeout_s}) leaves {finish:.2f}s for in-flight work after "
+                f"drain_grace_s ({self.drain_grace_s}) and the {LATE_REQUEST_WAIT_S}s late-request wait; "
+                f"it needs at least {MIN_FINISH_S}s: raise shutdown_timeout_s or lower drain_grace_s"
             )
         return self
 
@@ -87,14 +121,22 @@ class Settings(BaseSettings):
         return cls()
 
     def batch_shapes(self) -> list[int]:
-        """Every batch size the batcher can hand to the model (what warm-up must cover)."""
-        if not self.pad_batches:
-            return list(range(1, self.max_batch_size + 1))
+        """Every batch size the batcher can hand to the model (what warm-up must cover): the powers of two
+        below max_batch_size, and max_batch_size. Batches are padded up to one (pad_batches) or cut down
+        to one, so warm-up stays logarithmic in max_batch_size instead of quadratic."""
         sizes, n = [], 1
         while n < self.max_batch_size:
             sizes.append(n)
             n *= 2
         return [*sizes, self.max_batch_size]
+
+    def host_memory_bytes(self, input_size: int) -> int:
+        """Worst-case host memory the request path can hold at once, besides the model's own: decodes in
+        progress, queued input tensors and the uploads' in-memory parts."""
+        decoding = self.decode_threads * self.max_image_pixels * DECODE_BYTES_PER_PIXEL
+        tensors = (self.max_queue_size + self.max_batch_size) * 3 * input_size * input_size * 4
+        uploads = min(self.max_buffered_upload_bytes, self.max_concurrent_requests * UPLOAD_PART_IN_MEMORY_BYTES)
+        return decoding + tensors + uploads
 
 
 def describe_settings() -> str:

@@ -22,6 +22,8 @@ class ServiceState:
     batcher: Batcher | None = None
     warmed: bool = False
     draining: bool = False
+    shutdown_deadline: float | None = None  # time.monotonic() by which the process must have exited
+    shutdown_timed_out: bool = False  # requests were answered 503 because the budget ran out
 
     def not_ready_reasons(self) -> list[str]:
         """Why /readyz is 503; empty when the service should receive traffic."""
