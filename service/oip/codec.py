@@ -1,0 +1,267 @@
+"""Tensors of the Open Inference Protocol over HTTP: JSON bodies and Triton's binary tensor extension.
+
+Pure functions over bytes and arrays, so the wire format is tested apart from any route. A request body is
+a JSON header, then (with `Inference-Header-Content-Length`) each binary input's bytes in input order; a
+response is built the same way. BYTES elements in binary form are a 4-byte little-endian length, then the
+bytes; in JSON they are strings, and for encoded images (which are not UTF-8) base64 strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+# OIP datatype -> numpy dtype (BYTES: a list of bytes objects instead of an array).
+DTYPES: dict[str, Any] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+BYTES = "BYTES"
+_LENGTH = struct.Struct("<I")
+
+
+class ProtocolError(ValueError):
+    """A request the protocol cannot carry out; `code` selects the answer from the service's error table."""
+
+    def __init__(self, message: str, code: str = "invalid_parameter") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class InputTensor:
+    """One decoded input: an array for numeric types, a list of bytes for BYTES."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray | list[bytes]
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An output the client asked for: as binary or JSON, and optionally as the top `classification`."""
+
+    name: str
+    binary: bool
+    classification: int = 0
+
+
+@dataclass
+class InferRequest:
+    """A parsed inference request."""
+
+    id: str | None
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput] | None  # None: every output, in `binary_default` form
+    binary_default: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output to send: numeric array, or BYTES elements."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray | list[bytes]
+    binary: bool
+
+
+def serialize_bytes(elements: list[bytes]) -> bytes:
+    """BYTES elements in the binary extension's form: each a 4-byte little-endian length, then the bytes."""
+    return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
+
+
+def deserialize_bytes(buffer: bytes | memoryview, count: int | None = None) -> list[bytes]:
+    """The inverse of serialize_bytes; every byte must belong to an element."""
+    view, out, offset = memoryview(buffer), [], 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise ProtocolError("a BYTES element's length prefix is cut short")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise ProtocolError("a BYTES element is longer than the data sent for it")
+        out.append(bytes(view[offset : offset + length]))
+        offset += length
+    if count is not None and len(out) != count:
+        raise ProtocolError(f"the BYTES data holds {len(out)} element(s), its shape says {count}")
+    return out
+
+
+def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise ProtocolError(f"input {name!r}: 'shape' must be a list of integers")
+    if any(d < 0 for d in shape):
+        raise ProtocolError(f"input {name!r}: shape {shape} has a negative dimension")
+    return tuple(shape)
+
+
+def _flatten(data: Any) -> list[Any]:
+    """Row-major data may come flat or nested."""
+    if not isinstance(data, list):
+        return [data]
+    if not data or not isinstance(data[0], list):
+        return data
+    flat: list[Any] = []
+    for item in data:
+        flat.extend(_flatten(item))
+    return flat
+
+
+def _json_elements(name: str, datatype: str, data: Any, count: int) -> np.ndarray | list[bytes]:
+    values = _flatten(data)
+    if len(values) != count:
+        raise ProtocolError(f"input {name!r}: {len(values)} value(s) for a shape of {count} element(s)")
+    if datatype == BYTES:
+        try:
+            return [base64.b64decode(v, validate=True) for v in values]
+        except (binascii.Error, TypeError, ValueError):
+            raise ProtocolError(f"input {name!r}: BYTES data in JSON must be base64 strings") from None
+    try:
+        return np.asarray(values, dtype=DTYPES[datatype])
+    except (TypeError, ValueError, OverflowError):
+        raise ProtocolError(f"input {name!r}: its data is not all {datatype}") from None
+
+
+def _binary_elements(name: str, datatype: str, chunk: memoryview, count: int) -> np.ndarray | list[bytes]:
+    if datatype == BYTES:
+        return deserialize_bytes(chunk, count)
+    dtype = np.dtype(DTYPES[datatype])
+    if len(chunk) != count * dtype.itemsize:
+        raise ProtocolError(
+            f"input {name!r}: {len(chunk)} bytes of binary data for {count} {datatype} element(s) "
+            f"({count * dtype.itemsize} bytes)"
+        )
+    return np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+
+
+def _output(spec: Any, binary_default: bool) -> RequestedOutput:
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ProtocolError("each requested output needs a 'name'")
+    params = spec.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError(f"output {spec['name']!r}: 'parameters' must be an object")
+    k = params.get("classification", 0)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ProtocolError(f"output {spec['name']!r}: 'classification' must be a non-negative integer")
+    binary = params.get("binary_data", binary_default)
+    if not isinstance(binary, bool):
+        raise ProtocolError(f"output {spec['name']!r}: 'binary_data' must be true or false")
+    return RequestedOutput(spec["name"], binary, k)
+
+
+def parse_request(body: bytes, header_length: str | None, max_elements: int) -> InferRequest:
+    """An inference request body -> InferRequest, or ProtocolError naming what is wrong.
+
+    `max_elements` bounds each input's declared size before any array is allocated for it.
+    """
+    if header_length is not None:
+        if not header_length.strip().isdigit() or int(header_length) > len(body):
+            raise ProtocolError("Inference-Header-Content-Length is not a length within the body", "malformed_request")
+        split = int(header_length)
+        # 0: the whole body is one raw tensor for a single-input model; this service's models take two
+        # alternative inputs, so the header is required.
+        if split == 0:
+            raise ProtocolError("a raw binary body needs the JSON header: send Inference-Header-Content-Length > 0")
+        head, binary = body[:split], memoryview(body)[split:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        doc = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("the request is not valid JSON", "malformed_request") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise ProtocolError("the request needs a non-empty 'inputs' list")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError("'parameters' must be an object")
+    binary_default = params.get("binary_data_output", False) is True
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError("'id' must be a string")
+    inputs, offset = [], 0
+    for spec in doc["inputs"]:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ProtocolError("each input needs a 'name'")
+        name, datatype = spec["name"], spec.get("datatype")
+        if datatype != BYTES and datatype not in DTYPES:
+            raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}")
+        shape = _shape(spec, name)
+        count = math.prod(shape)
+        if count > max_elements:
+            raise ProtocolError(
+                f"input {name!r}: {count} elements, more than the limit of {max_elements}", "payload_too_large"
+            )
+        in_params = spec.get("parameters") or {}
+        size = in_params.get("binary_data_size") if isinstance(in_params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise ProtocolError(f"input {name!r}: binary_data_size runs past the end of the body")
+            data = _binary_elements(name, datatype, binary[offset : offset + size], count)
+            offset += size
+        elif "data" in spec:
+            data = _json_elements(name, datatype, spec["data"], count)
+        else:
+            raise ProtocolError(f"input {name!r} has neither 'data' nor binary_data_size")
+        if isinstance(data, np.ndarray):
+            data = data.reshape(shape)
+        inputs.append(InputTensor(name, datatype, shape, data))
+    if offset != len(binary):
+        raise ProtocolError(f"{len(binary) - offset} byte(s) of binary data belong to no input")
+    outputs = doc.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise ProtocolError("'outputs' must be a list")
+        outputs = [_output(o, binary_default) for o in outputs]
+    return InferRequest(request_id, inputs, outputs, binary_default, params)
+
+
+def encode_response(
+    model_name: str, model_version: str, request_id: str | None, outputs: list[OutputTensor]
+) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when nothing is binary) for an inference response."""
+    header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        header["id"] = request_id
+    tensors, chunks = [], []
+    for out in outputs:
+        tensor: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.shape)}
+        if out.binary:
+            raw = (
+                serialize_bytes(out.data)  # type: ignore[arg-type]
+                if out.datatype == BYTES
+                else np.ascontiguousarray(out.data, dtype=np.dtype(DTYPES[out.datatype]).newbyteorder("<")).tobytes()
+            )
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif out.datatype == BYTES:
+            tensor["data"] = [e.decode("utf-8", "replace") for e in out.data]  # type: ignore[union-attr]
+        else:
+            tensor["data"] = np.asarray(out.data).reshape(-1)
+        tensors.append(tensor)
+    header["outputs"] = tensors
+    head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return head, None
+    return head + b"".join(chunks), len(head)
