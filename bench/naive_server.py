@@ -16,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI, File, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from service.model_card import ModelCard
+from modelcard import ModelCard
 from service.postprocess import top_k
 from service.preprocess import preprocess
 from service.responses import JSONResponse

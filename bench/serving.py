@@ -34,7 +34,7 @@ import onnxruntime as ort
 import psutil
 from PIL import Image
 
-from service.model_card import ModelCard
+from modelcard import ModelCard
 from service.preprocess import preprocess
 
 from .machine import describe, summary

@@ -5,18 +5,29 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import models
-from service.model_card import RANDOM_WEIGHTS_WARNING
-from service.preprocess import PreprocessConfig
+from modelcard import (
+    INTERPOLATIONS,
+    RANDOM_WEIGHTS_WARNING,
+    LabelsError,
+    PreprocessConfig,
+    duplicate_labels,
+    read_labels,
+)
 
-from .pipeline import ExportError, export_model
+from .labels import IMAGENET_CLASSES, resolve_labels
+from .pipeline import SINGLE_LOGIT, ExportError, export_model
+
+BANNER = "!" * 78
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m export",
-        description="Export a ResNeSt to ONNX (outputs: logits, embedding) and verify it against PyTorch.",
+        description="Export a ResNeSt to ONNX (outputs: logits, embedding; embedding only for a headless model) "
+        "and verify it against PyTorch.",
     )
     parser.add_argument("--variant", default="resnest50", choices=models.list_models())
     parser.add_argument("--checkpoint", help="weights: a .pth/.safetensors path or an http(s) URL")
@@ -24,9 +35,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="output .onnx (default: artifacts/<variant>-<precision>.onnx)")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     parser.add_argument("--opset", type=int, default=18)
-    parser.add_argument("--input-size", type=int, help="serve at another square size (resize keeps crop_pct)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights used without --checkpoint")
     parser.add_argument("--skip-naive", action="store_true", help="do not trace the unfused graph for comparison")
+    head = parser.add_argument_group("classes (fine-tuned and headless checkpoints)")
+    head.add_argument(
+        "--num-classes",
+        type=int,
+        metavar="N",
+        help="classes of the classifier: default the checkpoint's (fc.weight rows), 1000 without a checkpoint; "
+        "0 exports the backbone alone (embeddings only); any other value must match the checkpoint",
+    )
+    head.add_argument(
+        "--labels",
+        type=Path,
+        metavar="FILE",
+        help="class names in class-index order: one per line (UTF-8), or a JSON list; exactly one per class "
+        "(default: ImageNet's for a 1000-class head, class_0 ... otherwise, with a warning)",
+    )
+    pre = parser.add_argument_group("preprocessing (default: the variant's; record what the model was trained with)")
+    pre.add_argument("--input-size", type=int, metavar="S", help="square crop the model sees (default keeps crop_pct)")
+    size = pre.add_mutually_exclusive_group()
+    size.add_argument("--resize-size", type=int, metavar="R", help="shorter side before the centre crop (>= S)")
+    size.add_argument("--crop-pct", type=float, metavar="P", help="S / resize size, in (0, 1]; 1.0: no crop")
+    pre.add_argument("--interpolation", choices=INTERPOLATIONS, help="resampling filter of the resize")
+    pre.add_argument("--mean", type=float, nargs="+", metavar="M", help="per-channel mean, R G B (or one for all)")
+    pre.add_argument("--std", type=float, nargs="+", metavar="SD", help="per-channel std, R G B (or one for all)")
     return parser.parse_args(argv)
 
 
@@ -34,35 +67,89 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _channels(name: str, values: list[float] | None) -> tuple[float, float, float] | None:
+    if values is None:
+        return None
+    if len(values) == 1:
+        return (values[0],) * 3
+    if len(values) != 3:
+        raise ValueError(f"--{name} takes 3 values (R G B) or 1 for all channels, got {len(values)}")
+    return (values[0], values[1], values[2])
+
+
+def preprocess_config(args: argparse.Namespace, base: PreprocessConfig) -> tuple[PreprocessConfig, dict[str, Any]]:
+    """The variant's preprocessing with the command line's overrides, and the overrides as given."""
+    overrides: dict[str, Any] = {
+        "input_size": args.input_size,
+        "resize_size": args.resize_size,
+        "crop_pct": args.crop_pct,
+        "interpolation": args.interpolation,
+        "mean": _channels("mean", args.mean),
+        "std": _channels("std", args.std),
+    }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return base.with_overrides(**given), given
+
+
+def _build(args: argparse.Namespace) -> tuple[models.ResNeSt, dict[str, Any]]:
+    """The model and its weights record; raises OSError/ValueError on bad weights or class counts."""
+    if args.checkpoint:
+        model = models.create_model(args.variant, args.checkpoint, num_classes=args.num_classes, sha256=args.sha256)
+        info = model.checkpoint
+        if info.num_classes and not model.num_classes:
+            _log(f"--num-classes 0: leaving out the checkpoint's {info.num_classes}-class classifier")
+        return model, {"source": info.source, "sha256": info.sha256}
+    _log(f"{BANNER}\nWARNING: no --checkpoint given: exporting SEEDED RANDOM WEIGHTS (seed {args.seed}).")
+    _log(f"{RANDOM_WEIGHTS_WARNING}\n{BANNER}")
+    model = models.create_model(args.variant, num_classes=args.num_classes, seed=args.seed)
+    return model, {"source": "random", "sha256": "random", "seed": args.seed}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one export; exit status 1 when a graph or parity check fails, 2 on bad arguments or weights."""
     args = parse_args(argv)
     variant = models.get_variant(args.variant)
-    data = variant.data
-    size = args.input_size or data.input_size
-    resize = data.resize_size if size == data.input_size else int(size / data.crop_pct)  # floor, as timm
-    cfg = PreprocessConfig(size, resize, data.interpolation, data.mean, data.std)
+    try:
+        if args.num_classes is not None and args.num_classes < 0:
+            raise ValueError(f"--num-classes must be 0 (headless) or positive, got {args.num_classes}")
+        cfg, overrides = preprocess_config(args, variant.data)
+        if args.labels is not None:
+            read_labels(args.labels)  # a malformed file fails here, before minutes of tracing
+    except (ValueError, LabelsError) as exc:
+        _log(f"error: {exc}")
+        return 2
     output: Path = args.output or Path("artifacts") / f"{args.variant}-{args.precision}.onnx"
     _log(f"building {args.variant} ({'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'})")
     try:
-        if args.checkpoint:
-            model = models.create_model(args.variant, args.checkpoint, sha256=args.sha256)
-            weights = {"source": model.checkpoint.source, "sha256": model.checkpoint.sha256}
-        else:
-            banner = "!" * 78
-            _log(f"{banner}\nWARNING: no --checkpoint given: exporting SEEDED RANDOM WEIGHTS (seed {args.seed}).")
-            _log(f"{RANDOM_WEIGHTS_WARNING}\n{banner}")
-            model = models.create_model(args.variant, seed=args.seed)
-            weights = {"source": "random", "sha256": "random", "seed": args.seed}
-    except (OSError, ValueError) as exc:  # missing file, bad digest, mismatching keys, bad URL
+        model, weights = _build(args)
+        if model.num_classes == 1:
+            raise ValueError(SINGLE_LOGIT)
+        labels, source, provenance = resolve_labels(model.num_classes, args.labels)
+    except models.ClassCountMismatch as exc:
+        _log(f"error: --num-classes {exc.asked} does not match the checkpoint: {exc.checkpoint_has()}")
+        return 2
+    except (OSError, ValueError) as exc:  # missing file, bad digest, mismatching keys, bad URL, bad labels
         _log(f"error: {exc}")
         return 2
+    head = f"{model.num_classes} classes, labels: {source}" if model.num_classes else "headless: embeddings only"
+    _log(f"{head}; preprocessing {cfg.to_dict()}" + (f" (overridden: {', '.join(overrides)})" if overrides else ""))
+    if source == "generic":
+        _log(f"{BANNER}\nWARNING: a {model.num_classes}-class head without --labels (only a {IMAGENET_CLASSES}-class "
+             f"head is taken to be ImageNet's): its classes are answered as class_0 ... class_{model.num_classes - 1}."
+             f"\n{BANNER}")  # fmt: skip
+    if source == "file" and (twice := duplicate_labels(labels)):
+        _log(f"WARNING: labels that occur more than once in {args.labels}: {', '.join(twice[:10])}")
+    if overrides:
+        provenance["preprocess_overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
     try:
         result = export_model(
             model,
             cfg,
             output,
             weights=weights,
+            labels=labels,
+            labels_source=source,
+            provenance=provenance,
             precision=args.precision,
             opset=args.opset,
             seed=args.seed,
@@ -72,6 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as exc:
         _log(f"FAILED: {exc}")
         return 1
-    if result.card.warning:
-        _log(f"WARNING: {result.card.warning}")
+    for warning in result.card.warnings:
+        _log(f"WARNING: {warning}")
     return 0

@@ -131,7 +131,10 @@ class FusedBottleneck(nn.Module):
 
 
 class FusedResNeSt(nn.Module):
-    """images (N, 3, H, W) -> (logits (N, classes), pooled embedding (N, features)) from one forward."""
+    """images (N, 3, H, W) -> (logits (N, classes), pooled embedding (N, features)) from one forward.
+
+    A headless model (num_classes 0) returns (embedding,) alone: the graph then has no logits output.
+    """
 
     def __init__(self, model: ResNeSt) -> None:
         super().__init__()
@@ -144,23 +147,26 @@ class FusedResNeSt(nn.Module):
         )  # fmt: skip
         blocks = [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
         self.blocks = nn.Sequential(*(FusedBottleneck(b) for b in blocks))
-        self.fc = copy.deepcopy(model.fc)
+        self.fc = copy.deepcopy(model.fc) if model.num_classes else None
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         embedding = torch.flatten(self.blocks(self.stem(images)).mean((2, 3), keepdim=True), 1)
-        return self.fc(embedding), embedding
+        return (embedding,) if self.fc is None else (self.fc(embedding), embedding)
 
 
 class TwoHeads(nn.Module):
-    """The eager model with both outputs, unfused: what a plain export of the checkpoint layout gives."""
+    """The eager model with both outputs, unfused: what a plain export of the checkpoint layout gives.
+
+    Outputs as FusedResNeSt's: (logits, embedding), or (embedding,) for a headless model.
+    """
 
     def __init__(self, model: ResNeSt) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         embedding = self.model.forward_embedding(images)
-        return self.model.fc(embedding), embedding
+        return (self.model.fc(embedding), embedding) if self.model.num_classes else (embedding,)
 
 
 @torch.no_grad()

@@ -36,41 +36,56 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-x, axis=1, kind="stable")[:, :k]
 
 
-def compare(ref_logits: np.ndarray, ref_emb: np.ndarray, logits: np.ndarray, emb: np.ndarray) -> dict[str, float]:
-    """Error figures of one batch: abs/rel error of both outputs, top-1/top-5 agreement, cosine."""
-    logit_err = np.abs(logits.astype(np.float64) - ref_logits)
+def compare(
+    ref_logits: np.ndarray | None, ref_emb: np.ndarray, logits: np.ndarray | None, emb: np.ndarray
+) -> dict[str, float]:
+    """Error figures of one batch: abs/rel error of both outputs, top-1/top-5 agreement, cosine.
+
+    Without logits (a headless model) only the embedding's figures are computed.
+    """
     emb_err = np.abs(emb.astype(np.float64) - ref_emb)
-    logit_scale = float(np.abs(ref_logits).max())
     emb_scale = float(np.abs(ref_emb).max())
+    cos = np.sum(ref_emb * emb, 1) / (np.linalg.norm(ref_emb, axis=1) * np.linalg.norm(emb, axis=1) + 1e-30)
+    figures = {
+        "embedding_scale": emb_scale,
+        "max_abs_embedding": float(emb_err.max()),
+        "max_rel_embedding": float(emb_err.max()) / max(emb_scale, 1e-12),
+        "min_cosine_embedding": float(cos.min()),
+    }
+    if ref_logits is None or logits is None:
+        return figures
+    logit_err = np.abs(logits.astype(np.float64) - ref_logits)
+    logit_scale = float(np.abs(ref_logits).max())
     ref_top1, top1 = ref_logits.argmax(1), logits.argmax(1)
     max_abs = float(logit_err.max())
     rows = np.arange(len(ref_logits))
     gap = ref_logits[rows, ref_top1] - ref_logits[rows, top1]
-    top5 = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(_topk(ref_logits, 5), _topk(logits, 5), strict=True)])
-    cos = np.sum(ref_emb * emb, 1) / (np.linalg.norm(ref_emb, axis=1) * np.linalg.norm(emb, axis=1) + 1e-30)
+    k = min(5, ref_logits.shape[1])  # a fine-tuned head may have fewer than five classes
+    topk = np.mean([len(set(a) & set(b)) / k for a, b in zip(_topk(ref_logits, k), _topk(logits, k), strict=True)])
     return {
         "logit_scale": logit_scale,
         "max_abs_logits": max_abs,
         "max_rel_logits": max_abs / max(logit_scale, 1e-12),
-        "embedding_scale": emb_scale,
-        "max_abs_embedding": float(emb_err.max()),
-        "max_rel_embedding": float(emb_err.max()) / max(emb_scale, 1e-12),
+        **figures,
         "top1_agreement": float(np.mean(ref_top1 == top1)),
         "top1_agreement_or_near_tie": float(np.mean((ref_top1 == top1) | (gap <= 2 * max_abs))),
-        "top5_agreement": float(top5),
-        "min_cosine_embedding": float(cos.min()),
+        "top5_agreement": float(topk),
     }
 
 
 def failures(figures: dict[str, float], limits: Thresholds) -> list[str]:
-    """The criteria one comparison misses; empty when it passes."""
-    top1 = figures["top1_agreement_or_near_tie" if limits.near_ties_ok else "top1_agreement"]
+    """The criteria one comparison misses; empty when it passes (logit criteria only where there are logits)."""
     checks = [
-        ("max_rel_logits", figures["max_rel_logits"] <= limits.max_rel_logits, limits.max_rel_logits),
         ("max_rel_embedding", figures["max_rel_embedding"] <= limits.max_rel_embedding, limits.max_rel_embedding),
         ("min_cosine_embedding", figures["min_cosine_embedding"] >= limits.min_cosine, limits.min_cosine),
-        ("top1_agreement", top1 >= limits.min_top1, limits.min_top1),
     ]
+    if "max_rel_logits" in figures:
+        top1 = figures["top1_agreement_or_near_tie" if limits.near_ties_ok else "top1_agreement"]
+        checks = [
+            ("max_rel_logits", figures["max_rel_logits"] <= limits.max_rel_logits, limits.max_rel_logits),
+            *checks,
+            ("top1_agreement", top1 >= limits.min_top1, limits.min_top1),
+        ]
     return [f"{name} {figures[name]:.3g} (limit {limit})" for name, ok, limit in checks if not ok]
 
 
@@ -84,6 +99,15 @@ def batches(photos: np.ndarray, seed: int, input_size: int) -> dict[str, dict[in
     return out
 
 
+def _split(outputs: Sequence[np.ndarray]) -> tuple[np.ndarray | None, np.ndarray]:
+    """(logits, embedding) from a model's outputs: two of them, or the embedding alone (headless)."""
+    if len(outputs) == 2:
+        return outputs[0], outputs[1]
+    if len(outputs) == 1:
+        return None, outputs[0]
+    raise ValueError(f"expected (logits, embedding) or (embedding,), got {len(outputs)} outputs")
+
+
 @torch.no_grad()
 def check(
     reference: torch.nn.Module,
@@ -91,16 +115,17 @@ def check(
     inputs: dict[str, dict[int, np.ndarray]],
     limits: Thresholds,
 ) -> dict[str, object]:
-    """Compare `reference` (images -> logits, embedding) with every ORT runner given, on every input batch.
+    """Compare `reference` with every ORT runner given, on every input batch.
 
-    `run_onnx` maps a provider name to a callable taking a batch and returning (logits, embedding).
+    `reference` maps images to (logits, embedding), or (embedding,) for a headless model; `run_onnx` maps a
+    provider name to a callable taking a batch and returning the same outputs as arrays.
     """
     results: list[dict[str, object]] = []
     for kind, by_size in inputs.items():
         for n, batch in by_size.items():
-            ref_logits, ref_emb = (t.double().numpy() for t in reference(torch.from_numpy(batch)))
+            ref_logits, ref_emb = _split([t.double().numpy() for t in reference(torch.from_numpy(batch))])
             for provider, run in run_onnx.items():
-                logits, emb = run(batch)  # type: ignore[operator]
+                logits, emb = _split(run(batch))  # type: ignore[operator]
                 figures = compare(ref_logits, ref_emb, logits, emb)
                 results.append({"provider": provider, "inputs": kind, "batch": n, **figures,
                                 "failures": failures(figures, limits)})  # fmt: skip
@@ -116,6 +141,9 @@ def check(
 def _worst(results: Sequence[dict[str, object]]) -> dict[str, float]:
     keys_max = ("max_abs_logits", "max_rel_logits", "max_abs_embedding", "max_rel_embedding")
     keys_min = ("top1_agreement", "top5_agreement", "min_cosine_embedding")
-    worst: dict[str, float] = {k: max(float(r[k]) for r in results) for k in keys_max}  # type: ignore[arg-type]
-    worst.update({k: min(float(r[k]) for r in results) for k in keys_min})  # type: ignore[arg-type]
+    present = [k for k in (*keys_max, *keys_min) if all(k in r for r in results)]
+    worst: dict[str, float] = {
+        k: (max if k in keys_max else min)(float(r[k]) for r in results)  # type: ignore[arg-type]
+        for k in present
+    }
     return worst

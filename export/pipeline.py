@@ -9,7 +9,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,16 +19,25 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from modelcard import LABEL_SOURCES, ModelCard, PreprocessConfig, check_labels, output_names
 from models import ResNeSt
-from service.model_card import ModelCard
-from service.preprocess import PreprocessConfig, preprocess
+
+# The service's own decoding and preprocessing, so the photographs in the parity check reach the graph exactly
+# as uploads will.
+from service.preprocess import preprocess
 
 from . import graph, parity
 from .fp16 import to_fp16
 from .fuse import TwoHeads, fuse
-from .labels import imagenet_labels
+from .labels import resolve_labels
 from .photos import sample_photos
 from .runtime import runners
+
+# The service answers softmax probabilities over the classes: one logit would always score 1.0.
+SINGLE_LOGIT = (
+    "a 1-class head is a sigmoid (binary or regression) head, and this service serves softmax classifiers, "
+    "where one class always scores 1.0: train a 2-class head, or export the backbone with --num-classes 0"
+)
 
 
 class ExportError(RuntimeError):
@@ -62,27 +71,43 @@ def export_model(
     output: Path,
     *,
     weights: dict[str, Any],
+    labels: Sequence[str] | None = None,
+    labels_source: str | None = None,
+    provenance: dict[str, Any] | None = None,
     precision: str = "fp32",
     opset: int = 18,
     seed: int = 0,
     compare_naive: bool = True,
     log: Callable[[str], None] = _stderr,
 ) -> ExportResult:
-    """Export an eval-mode ResNeSt to `output` (and `<output>.parity.json`); ExportError if a check fails."""
+    """Export an eval-mode ResNeSt to `output` (and `<output>.parity.json`); ExportError if a check fails.
+
+    `labels` name the model's classes in index order (with `labels_source`, one of modelcard.LABEL_SOURCES);
+    without them they follow from the class count (export.labels.resolve_labels). `provenance` is merged into
+    the card's export record (labels file, preprocessing overrides).
+    """
     started = time.perf_counter()
+    if model.num_classes == 1:
+        raise ValueError(SINGLE_LOGIT)
+    if labels is None:
+        labels, labels_source, _ = resolve_labels(model.num_classes)
+    labels = check_labels(labels, model.num_classes, "labels")
+    if labels_source not in LABEL_SOURCES:
+        raise ValueError(f"labels_source {labels_source!r} is not one of {LABEL_SOURCES}")
+    outputs = output_names(bool(model.num_classes))
 
     def step(n: int, text: str) -> None:
         log(f"[{n}/4 {time.perf_counter() - started:5.1f}s] {text}")
 
     step(1, f"fusing and tracing at {cfg.input_size}x{cfg.input_size}, opset {opset}")
-    final = graph.trace_to_onnx(fuse(model), cfg.input_size, opset)
+    final = graph.trace_to_onnx(fuse(model), cfg.input_size, opset, outputs=outputs)
     histograms = {"final": graph.op_histogram(final)}
     if compare_naive:
-        naive = graph.trace_to_onnx(TwoHeads(model), cfg.input_size, opset)
+        naive = graph.trace_to_onnx(TwoHeads(model), cfg.input_size, opset, outputs=outputs)
         histograms = {"naive": graph.op_histogram(naive), **histograms}
     legend = " (naive: the checkpoint-layout model traced as is)" if compare_naive else ""
     log(f"node types{legend}:\n" + graph.format_histogram(histograms))
-    if problems := graph.graph_problems(final):
+    if problems := graph.graph_problems(final, outputs):
         raise ExportError("graph check failed: " + "; ".join(problems))
     if precision == "fp16":
         final = to_fp16(final)
@@ -109,7 +134,8 @@ def export_model(
     card = ModelCard(
         variant=model.variant.name,
         preprocess=cfg,
-        labels=tuple(imagenet_labels()),
+        labels=tuple(labels),
+        labels_source=labels_source,
         embedding_dim=model.num_features,
         precision=precision,
         weights=weights,
@@ -122,6 +148,7 @@ def export_model(
             "python": platform.python_version(),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "nodes": dict(histograms["final"]),
+            **(provenance or {}),
         },
         parity={k: report[k] for k in ("passed", "precision", "providers", "thresholds", "worst")},
     )

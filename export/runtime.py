@@ -7,26 +7,29 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 
-Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+from modelcard import INPUT
+from service.providers import CPU, CUDA, probe_cuda, quiet_ort
+
+# A batch -> the graph's outputs in graph order: (logits, embedding), or (embedding,) when headless.
+Runner = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
 
 def runners(model_bytes: bytes) -> dict[str, Runner]:
     """One runner per execution provider that is actually active for this model on this machine."""
     out: dict[str, Runner] = {}
-    wanted = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
-        wanted.insert(0, "CUDAExecutionProvider")
+    wanted = [CPU]
+    # Only where its libraries and a GPU are there (found without ORT's noisy probe and preload_dlls()).
+    if probe_cuda().available:
+        wanted.insert(0, CUDA)
     for provider in wanted:
-        chain = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-        session = ort.InferenceSession(model_bytes, providers=chain)
+        chain = [provider] if provider == CPU else [provider, CPU]
+        with quiet_ort(provider != CPU):  # a CUDA EP that still fails to start is seen below, not logged red
+            session = ort.InferenceSession(model_bytes, providers=chain)
         if session.get_providers()[0] != provider:
             continue  # the CUDA EP failed to start here (no GPU or no CUDA libraries): ORT fell back
 
-        def run(batch: np.ndarray, session: ort.InferenceSession = session) -> tuple[np.ndarray, np.ndarray]:
-            logits, embedding = session.run(["logits", "embedding"], {"images": batch})
-            return logits, embedding
+        def run(batch: np.ndarray, session: ort.InferenceSession = session) -> tuple[np.ndarray, ...]:
+            return tuple(session.run(None, {INPUT: batch}))
 
         out[provider] = run
     return out

@@ -26,6 +26,20 @@ class CheckpointMismatch(ValueError):
     """The checkpoint's keys or shapes do not fit the model it is loaded into."""
 
 
+class ClassCountMismatch(CheckpointMismatch):
+    """The class count asked for is not the one the checkpoint's classifier was trained with."""
+
+    def __init__(self, asked: int, found: int, fc_shape: tuple[int, ...] | None) -> None:
+        self.asked, self.found, self.fc_shape = asked, found, fc_shape
+        super().__init__(f"num_classes={asked} was asked for, but {self.checkpoint_has()}")
+
+    def checkpoint_has(self) -> str:
+        """What the checkpoint holds, in words."""
+        if not self.found:
+            return "the checkpoint has no classifier (no fc.weight: a headless backbone, which only embeds)"
+        return f"the checkpoint's classifier has {self.found} classes (fc.weight {list(self.fc_shape or ())})"
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """Where the weights came from and their verified digest."""
@@ -33,6 +47,7 @@ class CheckpointInfo:
     source: str
     path: str
     sha256: str
+    num_classes: int | None = None  # classes of the checkpoint's own classifier (0: none), where known
 
 
 def _read_safetensors(path: Path) -> StateDict:
@@ -70,19 +85,47 @@ def read_state_dict(path: Path) -> StateDict:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def _backbone_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    # The classifier is left out: a fine-tuned or headless checkpoint has the same backbone as its variant.
+    return {
+        k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked") and not k.startswith("fc.")
+    }
+
+
 @cache
 def _variant_shapes(name: str) -> dict[str, tuple[int, ...]]:
     from .resnest import ResNeSt  # local: resnest imports nothing from here, this keeps it that way
 
     with torch.device("meta"):
-        model = ResNeSt(VARIANTS[name])
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+        model = ResNeSt(VARIANTS[name], num_classes=0)
+    return _backbone_shapes(model.state_dict())
 
 
 def matching_variants(state: StateDict) -> list[str]:
-    """Names of the variants whose parameter names and shapes the state_dict fits exactly."""
-    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    """Names of the variants whose backbone parameter names and shapes the state_dict fits exactly."""
+    shapes = _backbone_shapes(state)
     return [name for name in VARIANTS if _variant_shapes(name) == shapes]
+
+
+def classifier_width(state: StateDict) -> int:
+    """Classes of the state_dict's classifier: fc.weight's rows, or 0 for a headless backbone."""
+    weight = state.get("fc.weight")
+    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else 0
+
+
+def fit_classifier(state: StateDict, num_classes: int | None) -> tuple[StateDict, int]:
+    """(state, classes) for a model of `num_classes` classes (None: the checkpoint's own).
+
+    0 keeps only the backbone of a checkpoint that has a classifier (timm's num_classes=0); any other count
+    must be the checkpoint's, else ClassCountMismatch: a head of another size would be untrained.
+    """
+    found = classifier_width(state)
+    if num_classes is None or num_classes == found:
+        return state, found
+    if num_classes == 0:
+        return {k: v for k, v in state.items() if not k.startswith("fc.")}, 0
+    weight = state.get("fc.weight")
+    raise ClassCountMismatch(num_classes, found, tuple(weight.shape) if weight is not None else None)
 
 
 def _describe(keys: list[str], limit: int = 5) -> str:
@@ -123,6 +166,25 @@ def check_state_dict(model: nn.Module, state: StateDict) -> StateDict:
     raise CheckpointMismatch(message)
 
 
+def fetch_checkpoint(
+    source: str | os.PathLike[str],
+    *,
+    sha256: str | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> tuple[Path, str]:
+    """(local path, verified SHA-256) of a checkpoint given as a path or an http(s) URL (downloaded, cached)."""
+    text = os.fspath(source)
+    if text.startswith(("https://", "http://")):
+        return download(text, sha256=sha256, cache_dir=cache_dir, progress=progress)
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    digest = sha256_file(path)
+    check_digest(digest, expected_digest(path.name, sha256), str(path))
+    return path, digest
+
+
 def load_checkpoint(
     model: nn.Module,
     source: str | os.PathLike[str],
@@ -132,15 +194,7 @@ def load_checkpoint(
     progress: bool = True,
 ) -> CheckpointInfo:
     """Load weights from a local file or an http(s) URL into `model` (strict), verifying the SHA-256."""
-    text = os.fspath(source)
-    if text.startswith(("https://", "http://")):
-        path, digest = download(text, sha256=sha256, cache_dir=cache_dir, progress=progress)
-    else:
-        path = Path(text)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        digest = sha256_file(path)
-        check_digest(digest, expected_digest(path.name, sha256), str(path))
-    state = check_state_dict(model, read_state_dict(path))
-    model.load_state_dict(state, strict=True)
-    return CheckpointInfo(source=text, path=str(path), sha256=digest)
+    path, digest = fetch_checkpoint(source, sha256=sha256, cache_dir=cache_dir, progress=progress)
+    raw = read_state_dict(path)
+    model.load_state_dict(check_state_dict(model, raw), strict=True)
+    return CheckpointInfo(source=os.fspath(source), path=str(path), sha256=digest, num_classes=classifier_width(raw))

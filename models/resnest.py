@@ -65,11 +65,15 @@ def _downsample(inplanes: int, outplanes: int, stride: int) -> nn.Sequential:
 
 
 class ResNeSt(nn.Module):
-    """ResNeSt with three entry points: the feature map, the pooled embedding and the logits."""
+    """ResNeSt with three entry points: the feature map, the pooled embedding and the logits.
+
+    `num_classes` sizes the classifier (`fc`); 0 leaves none, for a backbone that only embeds.
+    """
 
     def __init__(self, variant: Variant, num_classes: int = 1000) -> None:
         super().__init__()
         self.variant = variant
+        self.num_classes = num_classes
         width = variant.stem_width
         self.conv1 = nn.Sequential(
             nn.Conv2d(3, width, 3, 2, 1, bias=False),
@@ -91,7 +95,19 @@ class ResNeSt(nn.Module):
             stages.append(stage)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.num_features = inplanes
-        self.fc = nn.Linear(inplanes, num_classes)
+        self.fc: nn.Module = self._classifier(num_classes)
+
+    def _classifier(self, num_classes: int) -> nn.Module:
+        # timm's convention: num_classes=0 is a headless backbone whose forward() returns the embedding,
+        # and whose state_dict has no fc.* keys.
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (headless) or positive, got {num_classes}")
+        return nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh (untrained) head for `num_classes` classes, or none for 0: the start of a fine-tune."""
+        self.fc = self._classifier(num_classes)
+        self.num_classes = num_classes
 
     @staticmethod
     def _make_stage(
@@ -132,5 +148,5 @@ class ResNeSt(nn.Module):
         return self.forward_head(self.forward_features(x), pre_logits=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> ImageNet logits (N, num_classes)."""
+        """Images -> logits (N, num_classes); the embedding (N, 2048) for a headless model."""
         return self.forward_head(self.forward_features(x))

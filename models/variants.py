@@ -4,26 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from modelcard import PreprocessConfig
 
 _OFFICIAL = "https://github.com/zhanghang1989/ResNeSt/releases/download/weights_step1/{}.pth"
 _TIMM_GLUON = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/{}.pth"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Evaluation preprocessing: resize the shorter side, centre-crop a square, normalise."""
-
-    input_size: int
-    resize_size: int
-    interpolation: str
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    @property
-    def crop_pct(self) -> float:
-        return self.input_size / self.resize_size
 
 
 @dataclass(frozen=True)
@@ -37,20 +21,19 @@ class Variant:
     bottleneck_width: int
     stem_width: int
     avd_first: bool
-    data: DataConfig
+    data: PreprocessConfig  # evaluation preprocessing of the published weights (timm's pretrained_cfg)
     source: str  # "official" (zhanghang1989/ResNeSt) or "timm"
     weights_url: str | None = None
     top1: float | None = None  # published ImageNet top-1 (%), where the source states one
 
 
-def _official_data(size: int) -> DataConfig:
+def _official_data(size: int) -> PreprocessConfig:
     # The official verify script crops size/(size+32) of the shorter side and resizes bicubically.
-    return DataConfig(size, size + 32, "bicubic")
+    return PreprocessConfig(size, size + 32, "bicubic")
 
 
-def _timm_data(size: int, crop_pct: float, interpolation: str) -> DataConfig:
-    # timm: resize to floor(size / crop_pct) then centre-crop.
-    return DataConfig(size, int(size / crop_pct), interpolation)
+def _timm_data(size: int, crop_pct: float, interpolation: str) -> PreprocessConfig:
+    return PreprocessConfig.from_crop_pct(size, crop_pct, interpolation)
 
 
 def _fast(spec: str, digest: str) -> Variant:

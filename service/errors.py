@@ -20,8 +20,10 @@ log = logging.getLogger("service.errors")
 ERRORS: dict[str, tuple[int, str]] = {
     "invalid_image": (400, "the image could not be decoded"),
     "malformed_request": (400, "the request body is not valid multipart/form-data"),
+    "no_classifier": (400, "this model has no classifier (a headless backbone): it serves POST /embed only"),
     "unauthorized": (401, "a valid API key is required: Authorization: Bearer <key>"),
     "not_found": (404, "no such route"),
+    "model_not_found": (404, "no such model or version"),
     "method_not_allowed": (405, "method not allowed on this route"),
     "payload_too_large": (413, "the request body exceeds the upload limit"),
     "image_too_large": (413, "the image exceeds the pixel limit"),
@@ -33,6 +35,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "internal_error": (500, "inference failed"),
     "not_ready": (503, "the model is not ready"),
     "draining": (503, "the server is shutting down"),
+    "model_unavailable": (503, "the model is being unloaded"),
     "deadline_exceeded": (504, "the request did not finish within its deadline"),
 }
 

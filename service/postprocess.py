@@ -15,7 +15,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def top_k(logits: np.ndarray, k: int, labels: Sequence[str]) -> list[list[dict[str, object]]]:
-    """Per row, the k most probable classes as {index, label, score}, best first (ties by lower index)."""
+    """Per row, the k most probable classes as {index, label, score}, best first (ties by lower index).
+
+    The softmax runs over each row's classes (axis 1); `labels` must name exactly those classes.
+    """
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"top_k needs logits (N, classes) with at least one class, got shape {logits.shape}")
+    if len(labels) != logits.shape[1]:
+        # Runtime refuses such a model at load; this guards other callers from silent mislabelling.
+        raise ValueError(f"{len(labels)} labels for {logits.shape[1]} classes")
     probs = softmax(logits)
     k = min(k, probs.shape[1])
     # A stable sort of 1000 scores costs microseconds and, unlike argpartition, keeps ties in index order

@@ -15,6 +15,7 @@ from .inference import run_images
 from .postprocess import l2_normalize, top_k
 from .responses import JSONResponse
 from .schemas import ClassifyResponse, EmbedResponse, ErrorResponse, Health, ModelInfo, Readiness
+from .settings import Settings
 from .state import ServiceState
 
 _bearer = HTTPBearer(auto_error=False, description="required only when RESNEST_API_KEY is set")
@@ -25,6 +26,21 @@ _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 Images = Annotated[
     list[UploadFile], File(description="one or more images (JPEG, PNG, GIF, WebP, BMP, TIFF) in upload order")
 ]
+
+
+def top_k_limits(settings: Settings, num_classes: int) -> tuple[int, int]:
+    """(default, max) top_k for a model with `num_classes` classes: the settings', capped at the class count."""
+    return min(settings.top_k_default, num_classes), min(settings.top_k_max, num_classes)
+
+
+def requested_top_k(settings: Settings, asked: int | None, num_classes: int) -> int:
+    """The k to answer with: a default capped at the class count; more classes than the model has is a 422."""
+    default, _ = top_k_limits(settings, num_classes)
+    if asked is None:
+        return default
+    if asked > num_classes:
+        raise ServiceError("invalid_parameter", f"query.top_k: {asked} is more than the model's {num_classes} classes")
+    return asked
 
 
 def build_router(state: ServiceState) -> APIRouter:
@@ -48,16 +64,20 @@ def build_router(state: ServiceState) -> APIRouter:
         response_model=ClassifyResponse,
         responses=_ERROR_RESPONSES,
         dependencies=guarded,
-        summary="Top-k ImageNet classes for each uploaded image",
+        summary="Top-k classes for each uploaded image",
     )
     async def classify(
         request: Request,
         images: Images,
         top_k_: TopK = None,
     ) -> Response:
+        k = top_k_ or settings.top_k_default
+        if (model := state.model) is not None:  # without a model run_images answers 503
+            if not model.card.has_classifier:
+                raise ServiceError("no_classifier")  # before any image is decoded
+            k = requested_top_k(settings, top_k_, model.card.num_classes)
         out = await run_images(request, state, images)
         assert state.model is not None
-        k = top_k_ or settings.top_k_default
         predictions = top_k(out.logits, k, state.model.card.labels)
         body = {
             "model": state.model.card.variant,
@@ -97,24 +117,24 @@ def build_router(state: ServiceState) -> APIRouter:
             raise ServiceError("not_ready")
         card = state.model.card
         pre = card.preprocess
+        limits = top_k_limits(settings, card.num_classes)
         return JSONResponse(
             {
                 "variant": card.variant,
                 "precision": card.precision,
                 "providers": state.model.providers,
                 "input_size": pre.input_size,
-                "preprocess": {
-                    "resize_size": pre.resize_size,
-                    "crop_size": pre.input_size,
-                    "interpolation": pre.interpolation,
-                    "mean": pre.mean,
-                    "std": pre.std,
-                },
+                "preprocess": {**pre.to_dict(), "crop_size": pre.input_size},
                 "embedding_dim": card.embedding_dim,
-                "num_classes": len(card.labels),
+                "num_classes": card.num_classes,
+                "labels_source": card.labels_source,
+                "labels": card.labels,
+                "outputs": card.outputs,
+                "top_k": {"default": limits[0], "max": limits[1]} if card.has_classifier else None,
                 "max_batch_size": settings.max_batch_size,
                 "weights": card.weights,
                 "warning": card.warning,
+                "warnings": card.warnings,
                 "parity": card.parity,
                 "export": card.export,
             }

@@ -8,8 +8,8 @@ from pydantic import BaseModel, Field
 
 
 class Prediction(BaseModel):
-    index: int = Field(description="ImageNet class index, 0-999")
-    label: str = Field(description="class label, e.g. 'tench'")
+    index: int = Field(description="class index, 0 to num_classes - 1 (ImageNet: 0-999)")
+    label: str = Field(description="class label, from the labels exported with the model (e.g. 'tench')")
     score: float = Field(description="softmax probability")
 
 
@@ -54,16 +54,29 @@ class Readiness(BaseModel):
     reasons: list[str] = Field(default_factory=list)
 
 
+class TopKLimits(BaseModel):
+    default: int = Field(description="predictions per image when top_k is not given (capped at num_classes)")
+    max: int = Field(description="largest top_k accepted: the smaller of RESNEST_TOP_K_MAX and num_classes")
+
+
 class ModelInfo(BaseModel):
     variant: str
     precision: str
     providers: list[str] = Field(description="execution providers actually active, first one runs the model")
     input_size: int
-    preprocess: dict[str, Any]
+    preprocess: dict[str, Any] = Field(description="resize, crop, interpolation and normalisation applied to uploads")
     embedding_dim: int
-    num_classes: int
+    num_classes: int = Field(description="classes the classifier scores; 0 for a headless (embedding-only) model")
+    labels_source: str = Field(
+        description="where the labels came from: 'imagenet' (bundled), 'file' (--labels at export, see "
+        "export.labels_file), 'generic' (class_<i>: nobody named the classes), 'none' (headless)"
+    )
+    labels: list[str] = Field(description="class labels in class-index order")
+    outputs: list[str] = Field(description="the graph's outputs: ['logits', 'embedding'], or ['embedding'] headless")
+    top_k: TopKLimits | None = Field(description="top_k limits of /classify; null when the model has no classifier")
     max_batch_size: int
     weights: dict[str, Any] = Field(description="checkpoint source and SHA-256, or 'random'")
-    warning: str | None = Field(description="set when the model carries random weights")
+    warning: str | None = Field(description="all warnings in one string (random weights, unnamed classes), or null")
+    warnings: list[str] = Field(description="each warning on its own")
     parity: dict[str, Any] = Field(description="the export's parity report summary")
     export: dict[str, Any]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -197,7 +198,7 @@ def test_health_readiness_metrics_model_and_docs() -> None:
     run(main())
 
 
-def test_not_ready_until_warm_and_warm_up_covers_every_batch_shape() -> None:
+def test_not_ready_until_warm_and_warm_up_covers_every_batch_shape_the_batcher_makes() -> None:
     model = FakeModel()
     model.gate = threading.Event()
     app = create_app(settings(max_batch_size=6), model=model)
@@ -205,11 +206,13 @@ def test_not_ready_until_warm_and_warm_up_covers_every_batch_shape() -> None:
     async def main() -> None:
         lifespan = app.router.lifespan_context(app)
         starting = asyncio.ensure_future(lifespan.__aenter__())
-        await asyncio.sleep(0.1)
+        while model.calls == 0:  # the first warm-up batch is inside the model, held by the gate
+            await asyncio.sleep(0.005)
         assert app.state.service.not_ready_reasons() == ["warming up"]
         model.gate.set()
         await starting
-        assert model.batches == [1, 2, 3, 4, 5, 6]
+        # The shapes the batcher can produce (powers of two, and the maximum), each once.
+        assert model.batches == [1, 2, 4, 6]
         assert app.state.service.not_ready_reasons() == []
         await lifespan.__aexit__(None, None, None)
 
@@ -268,5 +271,97 @@ def test_real_onnx_model_matches_single_image_inference(tiny_onnx: Path, photos:
                 assert [p["index"] for p in got] == np.argsort(-probs)[:5].tolist()
                 np.testing.assert_allclose([p["score"] for p in got], np.sort(probs)[::-1][:5], rtol=1e-4)
                 np.testing.assert_allclose(e.json()["results"][i]["embedding"], emb[0], rtol=1e-4, atol=1e-5)
+
+    run(main())
+
+
+# --- the served model's own classes: fine-tuned heads and headless backbones ---------------------------------------
+
+
+class FineTunedFake(FakeModel):
+    """A fake with a head of its own: `classes` labels from a labels file, logits of that width."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        labels = tuple(f"kind {i}" for i in range(classes))
+        self.card = dataclasses.replace(self.card, labels=labels, labels_source="file")
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, embedding = super().infer(images)
+        return np.ascontiguousarray(logits[:, : self.card.num_classes]), embedding
+
+
+class HeadlessFake(FakeModel):
+    """A fake backbone without a classifier: zero-width logits, as OrtModel answers for one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.card = dataclasses.replace(self.card, labels=(), labels_source="none")
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, embedding = super().infer(images)
+        return np.zeros((len(images), 0), dtype=np.float32), embedding
+
+
+def test_top_k_and_model_info_follow_a_fine_tuned_head() -> None:
+    model = FineTunedFake(10)
+    app = create_app(settings(), model=model)
+    blob = jpeg(color=(10, 200, 30))
+
+    async def main() -> None:
+        async with app_client(app) as client:
+            info = (await client.get("/model")).json()
+            assert info["num_classes"] == 10 and info["labels"] == list(model.card.labels)
+            assert info["labels_source"] == "file" and info["outputs"] == ["logits", "embedding"]
+            assert info["top_k"] == {"default": 5, "max": 10}
+            r = await client.post("/classify?top_k=11", files=files(blob))
+            assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_parameter")
+            assert r.json()["error"]["message"] == "query.top_k: 11 is more than the model's 10 classes"
+            r = await client.post("/classify?top_k=10", files=files(blob))
+            assert r.status_code == 200, r.text
+            got = r.json()["results"][0]["predictions"]
+            logits, _ = fake_outputs(preprocess(blob, model.card.preprocess, 10**8)[None])
+            probs = softmax(np.ascontiguousarray(logits[:, :10]))[0]
+            assert [p["index"] for p in got] == np.argsort(-probs, kind="stable").tolist()
+            assert [p["label"] for p in got] == [f"kind {p['index']}" for p in got]
+            assert sum(p["score"] for p in got) == pytest.approx(1.0, abs=1e-5)
+
+    run(main())
+
+
+def test_default_top_k_is_capped_at_a_small_heads_class_count() -> None:
+    app = create_app(settings(top_k_default=5), model=FineTunedFake(3))
+
+    async def main() -> None:
+        async with app_client(app) as client:
+            r = await client.post("/classify", files=files(jpeg(), jpeg(color=(0, 0, 200))))
+            assert r.status_code == 200, r.text
+            assert [len(item["predictions"]) for item in r.json()["results"]] == [3, 3]
+            assert (await client.get("/model")).json()["top_k"] == {"default": 3, "max": 3}
+
+    run(main())
+
+
+def test_a_headless_model_embeds_and_answers_classify_with_a_clear_400() -> None:
+    model = HeadlessFake()
+    app = create_app(settings(), model=model)
+    blobs = [jpeg(), jpeg(color=(0, 90, 200))]
+
+    async def main() -> None:
+        async with app_client(app) as client:
+            warmed = len(model.batches)
+            for query in ("", "?top_k=3"):
+                r = await client.post(f"/classify{query}", files=files(*blobs))
+                assert r.status_code == 400, r.text
+                error = r.json()["error"]
+                assert error["code"] == "no_classifier" and "POST /embed" in error["message"]
+            assert len(model.batches) == warmed  # refused before any image reached the model
+            r = await client.post("/embed", files=files(*blobs))
+            assert r.status_code == 200 and r.json()["dim"] == 16
+            want = fake_outputs(np.stack([preprocess(b, model.card.preprocess, 10**8) for b in blobs]))[1]
+            np.testing.assert_allclose([item["embedding"] for item in r.json()["results"]], want, rtol=1e-5)
+            info = (await client.get("/model")).json()
+            assert info["num_classes"] == 0 and info["labels"] == [] and info["labels_source"] == "none"
+            assert info["outputs"] == ["embedding"] and info["top_k"] is None
 
     run(main())

@@ -20,10 +20,9 @@ from export import graph, parity
 from export.fuse import FusedResNeSt, FusedSplitAttn, TwoHeads, fuse
 from export.labels import imagenet_labels
 from export.pipeline import ExportError, ExportResult, export_model
+from modelcard import RANDOM_WEIGHTS_WARNING, ModelCard, PreprocessConfig
 from models.split_attn import SplitAttnConv2d
-from models.variants import DataConfig, Variant
-from service.model_card import RANDOM_WEIGHTS_WARNING, ModelCard
-from service.preprocess import PreprocessConfig
+from models.variants import Variant
 
 SIZE = 64
 CPU = ["CPUExecutionProvider"]
@@ -38,8 +37,7 @@ FUSION_VARIANTS = [
 
 
 def tiny_cfg(model: models.ResNeSt) -> PreprocessConfig:
-    data = model.variant.data
-    return PreprocessConfig(SIZE, round(SIZE / data.crop_pct), data.interpolation, data.mean, data.std)
+    return model.variant.data.with_overrides(input_size=SIZE)  # keeps the variant's crop_pct: 64 / 73
 
 
 def small_export(tmp_path: Path, name: str = "m.onnx", precision: str = "fp32") -> ExportResult:
@@ -189,7 +187,7 @@ def test_fusion_is_exact_for_every_radix_and_cardinality(name: str) -> None:
 
 def tiny_radix4() -> models.ResNeSt:
     """A 4-block (resnest14d-depth) radix-4, cardinality-2 network: the 4s2x40d block at a tracing-friendly size."""
-    variant = Variant("tiny_4s2x40d", (1, 1, 1, 1), 4, 2, 40, 32, True, DataConfig(224, 256, "bicubic"), "test")
+    variant = Variant("tiny_4s2x40d", (1, 1, 1, 1), 4, 2, 40, 32, True, PreprocessConfig(224, 256, "bicubic"), "test")
     return models.init_random(models.ResNeSt(variant), seed=0).eval()  # type: ignore[return-value]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from service.model_card import RANDOM_WEIGHTS_WARNING, ModelCard
+from modelcard import RANDOM_WEIGHTS_WARNING, ModelCard
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--variant", "resnest14d", "--input-size", "64"]

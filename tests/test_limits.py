@@ -171,7 +171,8 @@ def test_without_padding_batches_are_cut_to_warmed_shapes_and_answers_stay_exact
 # peak rose above the resident memory before the decode (Linux: /proc/self/clear_refs, VmHWM).
 DECODE_PROBE = """
 import sys
-from service.preprocess import PreprocessConfig, preprocess
+from modelcard import PreprocessConfig
+from service.preprocess import preprocess
 def status(key):
     line = next(l for l in open("/proc/self/status") if l.startswith(key))
     return int(line.split()[1]) * 1024

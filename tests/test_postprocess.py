@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from service.postprocess import l2_normalize, softmax, top_k
 
@@ -102,6 +103,23 @@ def test_top_k_clamps_k_to_the_class_count() -> None:
     answers = top_k(logits, 10, ["a", "b", "c"])
     assert [[item["label"] for item in answer] for answer in answers] == [["b", "c", "a"], ["c", "a", "b"]]
     assert all(abs(sum(item["score"] for item in answer) - 1) <= 1e-6 for answer in answers)
+
+
+def test_top_k_labels_follow_the_class_index_of_a_fine_tuned_head() -> None:
+    # Softmax over the classes of each row (axis 1), not over the batch: the second row's scores sum to 1 too.
+    logits = np.array([[0.0, 5.0, 1.0, 0.0], [9.0, 0.0, 0.0, 8.0]], dtype=np.float32)
+    answers = top_k(logits, 2, ["zero", "one", "two", "three"])
+    assert [[(a["index"], a["label"]) for a in answer] for answer in answers] == [
+        [(1, "one"), (2, "two")],
+        [(0, "zero"), (3, "three")],
+    ]
+    np.testing.assert_allclose([a["score"] for a in answers[1]], reference_softmax(logits)[1, [0, 3]], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("width", "labels"), [(4, 3), (4, 5), (0, 0)])
+def test_top_k_refuses_labels_that_do_not_name_the_classes(width: int, labels: int) -> None:
+    with pytest.raises(ValueError, match="labels for 4 classes" if width else "at least one class"):
+        top_k(np.zeros((2, width), dtype=np.float32), 1, [f"l{i}" for i in range(labels)])
 
 
 # --- l2_normalize -------------------------------------------------------------------------------------------------

@@ -1,0 +1,27 @@
+"""The model card: the contract between the export and the service, owned by neither.
+
+What a model file promises its server: the tensor names, the preprocessing, the labels, the weights' and the
+export's provenance, all carried in the ONNX file's metadata. Pure Python (no torch, no onnxruntime), so the
+PyTorch side (models/, export/) and the serving side (service/) import the same definitions.
+"""
+
+from __future__ import annotations
+
+from .card import (
+    FORMAT_VERSION,
+    GENERIC_LABELS_WARNING,
+    LABEL_SOURCES,
+    RANDOM_WEIGHTS_WARNING,
+    ModelCard,
+    ModelCardError,
+)
+from .labels import LabelsError, check_labels, duplicate_labels, generic_labels, parse_labels, read_labels
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, PreprocessConfig
+from .tensors import EMBEDDING, INPUT, LOGITS, output_names
+
+__all__ = [
+    "EMBEDDING", "FORMAT_VERSION", "GENERIC_LABELS_WARNING", "IMAGENET_MEAN", "IMAGENET_STD", "INPUT",
+    "INTERPOLATIONS", "LABEL_SOURCES", "LOGITS", "RANDOM_WEIGHTS_WARNING", "LabelsError", "ModelCard",
+    "ModelCardError", "PreprocessConfig", "check_labels", "duplicate_labels", "generic_labels", "output_names",
+    "parse_labels", "read_labels",
+]  # fmt: skip
