@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 import warnings
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin
 
-from service.preprocess import ImageError, PreprocessConfig, crop_box, decode, preprocess, resized_size
+import service.preprocess
+from modelcard import PreprocessConfig
+from service.preprocess import ImageError, configure_pillow, crop_box, decode, preprocess, resized_size, to_rgb
 from tests.reference_transforms import eval_transform
 
 MEAN = (0.485, 0.456, 0.406)
@@ -27,6 +33,9 @@ MAX_PIXELS = 40_000_000  # the service's default limit
 TOL = 1e-5
 CONFIGS = [(224, 256), (320, 352)]
 INTERPOLATIONS = ["bilinear", "bicubic"]
+# Pillow's own Image.MAX_IMAGE_PIXELS, in force in any process that has not called configure_pillow().
+PILLOW_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cfg_for(input_size: int = 224, resize: int = 256, interpolation: str = "bilinear") -> PreprocessConfig:
@@ -85,14 +94,20 @@ def test_reference_geometry_rounds_like_torchvision() -> None:
 # --- EXIF orientation ---------------------------------------------------------------------------------------------
 
 
-def oriented_jpeg(orientation: int) -> bytes:
+def oriented_file(orientation: int, fmt: str, mode: str = "RGB", **params: object) -> bytes:
     """64x32 stored image: left half red, right half blue, a green 8x8 marker in the stored top-left corner."""
     img = Image.new("RGB", (64, 32), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 32, 32))
     img.paste((0, 255, 0), (0, 0, 8, 8))
+    if mode == "P":
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = orientation
-    return encode(img, "JPEG", quality=95, exif=exif)
+    return encode(img, fmt, exif=exif, **params)
+
+
+def oriented_jpeg(orientation: int) -> bytes:
+    return oriented_file(orientation, "JPEG", quality=95)
 
 
 def near(pixel: tuple[int, ...], expected: tuple[int, int, int], tol: int = 24) -> bool:
@@ -119,6 +134,31 @@ def test_exif_orientation_is_applied(
     assert near(img.getpixel(marker), GREEN), f"marker at {marker}: {img.getpixel(marker)}"
     assert near(img.getpixel((16, 24)), top) and near(img.getpixel((16, 48)), bottom)
     compare_with_reference(data, cfg_for(), f"orientation {orientation}")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "params"),
+    [("PNG", "RGB", {}), ("PNG", "P", {}), ("WEBP", "RGB", {"lossless": True}), ("TIFF", "RGB", {})],
+)
+def test_exif_orientation_in_other_formats(fmt: str, mode: str, params: dict[str, object]) -> None:
+    # decode turns the image in place (no copy when there is nothing to turn): the result must still be the
+    # reference's, which turns a copy, for every format that carries EXIF and for palette images.
+    data = oriented_file(6, fmt, mode, **params)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    img = decode(data, cfg_for(), MAX_PIXELS)
+    assert img.size == (32, 64) and near(img.getpixel((28, 4)), GREEN), img.getpixel((28, 4))
+    compare_with_reference(data, cfg_for(), f"{fmt} {mode} orientation 6")
+
+
+def test_decode_makes_no_copy_of_an_upright_image() -> None:
+    data = encode(Image.new("RGB", (64, 48), (10, 20, 30)), "PNG")
+    before = pillow_images_created()
+    Image.open(io.BytesIO(data)).load()
+    by_the_decoder = pillow_images_created() - before
+    before = pillow_images_created()
+    decode(data, cfg_for(), MAX_PIXELS)
+    # exif_transpose without in_place copied every image, turned or not: one pixel buffer more than the decoder's.
+    assert pillow_images_created() - before == by_the_decoder
 
 
 # --- modes --------------------------------------------------------------------------------------------------------
@@ -185,6 +225,88 @@ def test_grey16_mid_value_reaches_the_model_unclipped() -> None:
     assert np.abs(out.reshape(3, -1).mean(1) - expected).max() < 1e-5, out.reshape(3, -1).mean(1)
 
 
+def legacy_grey(img: Image.Image) -> np.ndarray:
+    """The whole-image float64 formulas to_rgb used before it worked in blocks: the values it must still give."""
+    if img.mode == "F":
+        return np.clip(np.asarray(img), 0, 255).astype(np.uint8)
+    arr = np.asarray(img, dtype=np.float64)
+    peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    return np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+
+
+ALL_16_BIT = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+
+
+def int32_image(low: int, high: int, extremes: list[int]) -> Image.Image:
+    values = np.arange(low, high, dtype=np.int64)
+    values[: len(extremes)] = extremes
+    return Image.fromarray(values.astype(np.int32).reshape(-1, 256))
+
+
+def float_image() -> Image.Image:
+    values = np.linspace(-20.0, 300.0, 256 * 63, dtype=np.float32)
+    edges = [np.inf, -np.inf, -0.5, 0.0, 0.5, 254.5, 254.999, 255.0, 255.5, 1e30, -1e30, 3.4e38, 1e-30, 127.5]
+    return Image.fromarray(np.concatenate([values, np.array(edges + [0.0] * 242, np.float32)]).reshape(64, 256))
+
+
+GREY_CASES: dict[str, tuple[str, Callable[[], Image.Image]]] = {
+    # name: (mode, image)
+    "I;16, every value": ("I;16", lambda: Image.fromarray(ALL_16_BIT)),
+    "I;16B, every value": ("I;16B", lambda: Image.frombytes("I;16B", (256, 256), ALL_16_BIT.astype(">u2").tobytes())),
+    # Peak 65535: every 16-bit value, then 32-bit ones beyond both ends of it.
+    "I above 255": ("I", lambda: int32_image(-1024, 66560, [-(2**31), -70000, -257, -1, 65536, 70000, 2**31 - 1])),
+    # Peak 255: values scale by one, negative ones clip to 0.
+    "I at most 255": ("I", lambda: int32_image(-512, 256, [-(2**31), -70000])),
+    "F": ("F", float_image),
+}
+
+
+@pytest.mark.parametrize("block_pixels", [None, 1000])
+@pytest.mark.parametrize("case", list(GREY_CASES))
+def test_wide_grey_gives_the_float64_formulas_values(
+    monkeypatch: pytest.MonkeyPatch, case: str, block_pixels: int | None
+) -> None:
+    mode, make = GREY_CASES[case]
+    img = make()
+    assert img.mode == mode
+    if block_pixels is not None:  # 3 rows a block at width 256: many blocks and a shorter last one
+        monkeypatch.setattr(service.preprocess, "_BLOCK_PIXELS", block_pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's "overflow in cast" for +-inf and 1e30 in F
+        expected = legacy_grey(img)
+    out = np.asarray(to_rgb(img))
+    assert out.shape == (*expected.shape, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, np.repeat(expected[..., None], 3, axis=2))
+
+
+def wide_grey_file(mode: str, width: int, height: int) -> bytes:
+    """A width x height image in `mode` (I;16 as PNG, I and F as TIFF), a gradient over the whole 16-bit range."""
+    ramp = np.arange(width, dtype=np.uint32)[None, :] * 16 + np.arange(height, dtype=np.uint32)[:, None] * 5
+    grey = (ramp % 65536).astype(np.uint16)
+    if mode == "I;16":
+        return encode(Image.fromarray(grey), "PNG", compress_level=1)
+    return encode(Image.fromarray(grey.astype(np.int32) if mode == "I" else grey.astype(np.float32) / 200), "TIFF")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_wide_grey_decode_memory_is_bounded_per_pixel(mode: str) -> None:
+    width, height = 4000, 3000
+    data = wide_grey_file(mode, width, height)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    tracemalloc.start()
+    try:
+        preprocess(data, cfg_for(), MAX_PIXELS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    per_pixel = peak / (width * height)
+    print(f"\n{mode} {width}x{height}: traced peak {peak / 1e6:.1f} MB, {per_pixel:.2f} bytes/pixel")
+    # The uint8 grey (1 byte/pixel) and a few MB of row blocks. A whole-image float64 copy alone is 8 bytes/pixel
+    # (the old path peaked at 24 for I;16 and I, at 8 for F's float32 copies). Pillow's own buffers (the decoded
+    # image, the RGB one) are not traced by tracemalloc; they are the same either way.
+    assert per_pixel < 3, f"{per_pixel:.2f} bytes/pixel"
+
+
 # --- pixel limit before decode ------------------------------------------------------------------------------------
 
 
@@ -234,6 +356,16 @@ def pillow_images_created() -> int:
     return int(Image.core.get_stats()["new_count"])
 
 
+def fastest_of(run: Callable[[], object], repeats: int = 5) -> float:
+    """The fastest of a few runs, in seconds: a busy CPU only ever adds time."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 @pytest.mark.parametrize(
     ("fmt", "make"),
     [
@@ -242,25 +374,37 @@ def pillow_images_created() -> int:
         ("JPEG", lambda: patched_jpeg(60000, 60000)),
     ],
 )
-def test_pixel_limit_is_enforced_before_decode(fmt: str, make: Callable[[], bytes]) -> None:
+def test_pixel_limit_is_enforced_before_decode(
+    monkeypatch: pytest.MonkeyPatch, fmt: str, make: Callable[[], bytes]
+) -> None:
+    # As the service runs, with Pillow's own check lifted by configure_pillow(): max_pixels alone refuses.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     data = make()
     assert len(data) < 2000
     assert Image.open(io.BytesIO(data)).format == fmt
     images_before = pillow_images_created()
     tracemalloc.start()
-    started = time.perf_counter()
     try:
         with pytest.raises(ImageError) as info:
             preprocess(data, cfg_for(), MAX_PIXELS)
-        elapsed = time.perf_counter() - started
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    print(f"\n{fmt} bomb: rejected in {elapsed * 1e3:.1f} ms, traced peak {peak / 1e6:.2f} MB")
     assert info.value.code == "image_too_large", str(info.value)
-    assert elapsed < 1.0, f"took {elapsed:.2f}s"
     assert peak < 10e6, f"allocated {peak / 1e6:.1f} MB"
     assert pillow_images_created() == images_before, "Pillow allocated a pixel buffer"
+
+    def refuse() -> None:
+        with pytest.raises(ImageError):
+            preprocess(data, cfg_for(), MAX_PIXELS)
+
+    # Timed against an ordinary small image on the same CPU in the same run, so a slower machine slows both:
+    # refusing the header takes well under a tenth of it; decoding even a 4000x4000 part of the bomb, 1000x.
+    small = encode(Image.new("RGB", (512, 384), (90, 120, 150)), "PNG")
+    refused = fastest_of(refuse)
+    ordinary = fastest_of(lambda: preprocess(small, cfg_for(), MAX_PIXELS))
+    print(f"\n{fmt} bomb: refused in {refused * 1e3:.2f} ms, a 512x384 PNG takes {ordinary * 1e3:.2f} ms")
+    assert refused < ordinary, f"refusing took {refused * 1e3:.2f} ms, the small image {ordinary * 1e3:.2f} ms"
 
 
 def test_crafted_headers_are_valid_images_when_small() -> None:
@@ -280,6 +424,205 @@ def test_pixel_limit_boundary() -> None:
     with pytest.raises(ImageError) as info:
         preprocess(crafted_png(2, 2, raw), cfg_for(), max_pixels=3)
     assert info.value.code == "image_too_large"
+
+
+# --- Pillow's process-wide settings -------------------------------------------------------------------------
+
+
+def test_import_changes_no_process_wide_state() -> None:
+    # In a fresh interpreter: this one's state depends on which tests ran first (create_app configures Pillow).
+    code = """if True:
+        import json, warnings
+        import numpy, PIL.Image, PIL.ImageOps
+        def state():
+            return [PIL.Image.MAX_IMAGE_PIXELS, [repr(f) for f in warnings.filters]]
+        before = state()
+        import service.preprocess
+        imported = state()
+        service.preprocess.configure_pillow()
+        configured = state()
+        service.preprocess.configure_pillow()
+        print(json.dumps({"before": before, "imported": imported, "configured": configured, "again": state()}))
+    """
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    states = json.loads(run.stdout)
+    assert states["before"][0] == PILLOW_MAX_IMAGE_PIXELS
+    assert states["imported"] == states["before"], "importing service.preprocess changed Pillow or warnings"
+    max_pixels, filters = states["configured"]
+    assert max_pixels is None and len(filters) == len(states["before"][1]) + 1
+    assert states["again"] == states["configured"], "a second configure_pillow() changed something"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: crafted_png(100_000, 100_000), lambda: patched_gif(65535, 65535), lambda: patched_jpeg(60000, 60000)],
+)
+@pytest.mark.parametrize("max_pixels", [MAX_PIXELS, 10**12])
+def test_pillow_limit_where_not_configured_is_image_too_large(
+    monkeypatch: pytest.MonkeyPatch, make: Callable[[], bytes], max_pixels: int
+) -> None:
+    # Without configure_pillow(), Pillow refuses beyond 2 * MAX_IMAGE_PIXELS (179 MP) inside Image.open, before
+    # open_image counts pixels: the same image_too_large (never a 500), whatever max_pixels allows.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_MAX_IMAGE_PIXELS)
+    data = make()
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    with pytest.raises(ImageError) as info:
+        preprocess(data, cfg_for(), max_pixels)
+    assert info.value.code == "image_too_large", str(info.value)
+
+
+def hundred_megapixel_png() -> bytes:
+    """A real 10000x10000 1-bit PNG of 30 KB: past Pillow's default warning limit, short of its error limit."""
+    width = height = 10_000
+    half = b"\x00" + b"\xff" * (width // 16) + b"\x00" * (width // 16)  # filter byte, then 8 pixels a byte
+    stripes = b"\x00" + b"\x0f" * (width // 8)
+    raw = b"".join(half if (y // 1000) % 2 else stripes for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(raw, 9))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def test_100_megapixels_decode_the_same_with_and_without_configure_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    data, cfg, limit = hundred_megapixel_png(), cfg_for(), 200_000_000
+    assert PILLOW_MAX_IMAGE_PIXELS < 10_000 * 10_000 < 2 * PILLOW_MAX_IMAGE_PIXELS < limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_MAX_IMAGE_PIXELS)  # as imported: not configured
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        unconfigured = preprocess(data, cfg, limit)
+    assert any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught), "Pillow's check engaged"
+    with warnings.catch_warnings(record=True) as caught:  # also undoes configure_pillow()'s filter afterwards
+        warnings.simplefilter("always")
+        configure_pillow()
+        assert Image.MAX_IMAGE_PIXELS is None
+        configured = preprocess(data, cfg, limit)
+    assert not caught, [str(w.message) for w in caught]
+    np.testing.assert_array_equal(configured, unconfigured)
+    assert abs(float(configured.std())) > 0.1, "the stripes reach the model"
+    # Where warnings are errors (python -W error) and Pillow is not configured, its warning refuses the image
+    # before max_pixels is consulted; the answer is image_too_large, not a 500 and not "corrupt".
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_MAX_IMAGE_PIXELS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError) as info:
+            preprocess(data, cfg, limit)
+    assert info.value.code == "image_too_large", str(info.value)
+
+
+# --- any failure to decode is the upload's ImageError --------------------------------------------------------
+
+
+def exif_with_text_under(tag: int) -> bytes:
+    """EXIF with Orientation 6 and the text "cam" stored under `tag`, a tag whose values are numbers."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    exif[ExifTags.Base.Make] = "cam"
+    blob = bytearray(exif.tobytes())
+    first_entry = 6 + 8 + 2  # b"Exif\0\0", the TIFF header, the entry count; entries sorted, Make (0x010F) first
+    assert blob[first_entry : first_entry + 2] == struct.pack(">H", ExifTags.Base.Make)
+    blob[first_entry : first_entry + 2] = struct.pack(">H", tag)
+    return bytes(blob)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize(
+    ("tag", "pillow_raises"), [(ExifTags.Base.ImageWidth, struct.error), (ExifTags.Base.XResolution, TypeError)]
+)
+def test_real_files_with_malformed_exif_are_invalid_image(fmt: str, tag: int, pillow_raises: type[Exception]) -> None:
+    # Found by flipping bytes of small files: Pillow reads the text, then fails to write the EXIF back once it has
+    # removed the orientation, with neither OSError nor ValueError.
+    data = encode(Image.new("RGB", (16, 12), (90, 120, 150)), fmt, exif=exif_with_text_under(tag))
+    with pytest.raises(pillow_raises):
+        ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    with pytest.raises(ImageError) as info:
+        preprocess(data, cfg_for(), MAX_PIXELS)
+    assert info.value.code == "invalid_image", str(info.value)
+
+
+def tiff_with_strip_offsets_of_type(field_type: int) -> bytes:
+    """A real little-endian TIFF whose StripOffsets entry claims another field type (5: RATIONAL)."""
+    data = bytearray(encode(Image.new("RGB", (16, 12), (90, 120, 150)), "TIFF"))
+    assert data[:4] == b"II*\x00"
+    ifd = struct.unpack("<I", data[4:8])[0]
+    (count,) = struct.unpack("<H", data[ifd : ifd + 2])
+    for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+        if struct.unpack("<H", data[entry : entry + 2])[0] == 273:  # StripOffsets
+            data[entry + 2 : entry + 4] = struct.pack("<H", field_type)
+            return bytes(data)
+    raise AssertionError("no StripOffsets entry")
+
+
+def test_real_tiff_with_mistyped_strip_offsets_is_invalid_image() -> None:
+    data = tiff_with_strip_offsets_of_type(5)
+    img = Image.open(io.BytesIO(data))
+    with pytest.raises(TypeError):  # Pillow seeks to an IFDRational
+        img.load()
+    with pytest.raises(ImageError) as info:
+        preprocess(data, cfg_for(), MAX_PIXELS)
+    assert info.value.code == "invalid_image", str(info.value)
+
+
+LEAKY = "/srv/resnest/secret.py line 7"
+
+
+def raising(exc_type: type[BaseException]) -> Callable[..., None]:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise exc_type(LEAKY)
+
+    return fail
+
+
+# Where, from bytes to tensor, Pillow's code runs: each stage patched to raise.
+STAGES: dict[str, tuple[object, str]] = {
+    "plugin open": (PngImagePlugin.PngImageFile, "_open"),
+    "pixel decode": (PngImagePlugin.PngImageFile, "load"),
+    "EXIF orientation": (ImageOps, "exif_transpose"),
+    "mode conversion": (Image.Image, "convert"),
+    "resize": (Image.Image, "resize"),
+    "crop": (Image.Image, "crop"),
+}
+
+
+@pytest.mark.parametrize(
+    "exc_type", [struct.error, IndexError, TypeError, KeyError, ZeroDivisionError, MemoryError, RuntimeError]
+)
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_any_exception_while_decoding_is_invalid_image(
+    monkeypatch: pytest.MonkeyPatch, stage: str, exc_type: type[Exception]
+) -> None:
+    data = encode(Image.new("L", (16, 12), 100), "PNG")  # L: to_rgb converts, so every stage runs
+    assert preprocess(data, cfg_for(), MAX_PIXELS).shape == (3, 224, 224)
+    monkeypatch.setattr(*STAGES[stage], raising(exc_type))
+    with pytest.raises(ImageError) as info:
+        preprocess(data, cfg_for(), MAX_PIXELS)
+    assert info.value.code == "invalid_image"
+    message = str(info.value)
+    assert "secret" not in message and exc_type.__name__ not in message and "Traceback" not in message, message
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize("stage", ["pixel decode", "resize"])
+def test_interrupts_are_not_turned_into_image_errors(
+    monkeypatch: pytest.MonkeyPatch, stage: str, exc_type: type[BaseException]
+) -> None:
+    monkeypatch.setattr(*STAGES[stage], raising(exc_type))
+    with pytest.raises(exc_type):
+        preprocess(encode(Image.new("L", (16, 12), 100), "PNG"), cfg_for(), MAX_PIXELS)
+
+
+@pytest.mark.parametrize("code", ["unsupported_media_type", "image_too_large"])
+@pytest.mark.parametrize("stage", ["pixel decode", "resize"])
+def test_image_error_codes_already_chosen_are_kept(monkeypatch: pytest.MonkeyPatch, stage: str, code: str) -> None:
+    chosen = ImageError(code, "chosen")
+    monkeypatch.setattr(*STAGES[stage], lambda *args, **kwargs: (_ for _ in ()).throw(chosen))
+    with pytest.raises(ImageError) as info:
+        preprocess(encode(Image.new("L", (16, 12), 100), "PNG"), cfg_for(), MAX_PIXELS)
+    assert info.value is chosen and info.value.__cause__ is None
 
 
 # --- corrupt, unsupported and unusual inputs ----------------------------------------------------------------------
@@ -394,3 +737,15 @@ def test_config_validation(input_size: int, resize: int, interpolation: str) -> 
 
 def test_config_accepts_equal_sizes() -> None:
     assert PreprocessConfig(224, 224, "bicubic", MEAN, STD).resize_size == 224
+
+
+def test_a_thin_strip_that_would_grow_past_the_pixel_limit_is_refused_before_decoding() -> None:
+    # 16 x 1,000,000 pixels is within 40 MP, but resizing its shorter side to 256 would make 4 G pixels.
+    buf = io.BytesIO()
+    Image.new("L", (16, 1_000_000)).save(buf, "PNG")
+    with pytest.raises(ImageError, match="would resize to 256x16000000") as exc:
+        preprocess(buf.getvalue(), cfg_for(), MAX_PIXELS)
+    assert exc.value.code == "image_too_large"
+    wide = io.BytesIO()
+    Image.new("RGB", (2000, 300)).save(wide, "PNG")  # 6.7:1, resized 1706x256: served
+    assert preprocess(wide.getvalue(), cfg_for(), MAX_PIXELS).shape == (3, 224, 224)
