@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from . import logs
 from .app import create_app
 from .settings import LATE_REQUEST_WAIT_S, Settings, describe_settings
 from .state import ServiceState
@@ -133,13 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except (ValidationError, ValueError) as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        # The settings did not parse, so the format is read as given: a JSON pipeline still gets JSON.
+        fmt = "json" if os.environ.get("RESNEST_LOG_FORMAT", "").strip().lower() == "json" else "text"
+        logs.configure("error", fmt)
+        log.error("invalid configuration:\n%s", exc)
         return EXIT_BAD_CONFIG
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # Any client can send a malformed multipart body; the parser's warnings about it would flood the log.
-    logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=None,  # set when the shutdown starts, from what is left of the budget
+        # uvicorn's own handlers stay off: its loggers go through logs.configure's handler and format, and
+        # RequestContextMiddleware writes the access log (request id, model, images, timings).
+        log_config=None,
         access_log=False,
         lifespan="on",
     )

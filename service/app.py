@@ -16,6 +16,8 @@ from .errors import install_handlers
 from .limits import check_memory, check_spool, memory_limit_bytes, rss_bytes
 from .metrics import Metrics
 from .middleware import LingeringCloseMiddleware, RequestContextMiddleware, UploadLimitMiddleware
+from .page import build_page_router
+from .preprocess import configure_pillow
 from .routes import build_router
 from .runtime import InferenceModel, OrtModel, warm_up
 from .settings import Settings
@@ -37,7 +39,12 @@ async def _start(state: ServiceState, model: InferenceModel | None) -> None:
     if card.warning:
         log.warning("%s", card.warning)
     state.metrics.model_info.labels(
-        card.variant, card.precision, model.providers[0], card.weights.get("sha256", "?")[:16]
+        settings.model_path.stem,
+        "1",
+        card.variant,
+        card.precision,
+        model.providers[0],
+        card.weights.get("sha256", "?")[:16],
     ).set(1)
     shapes = settings.batch_shapes()
     log.info("warming up batch sizes %s", shapes)
@@ -60,6 +67,7 @@ async def _start(state: ServiceState, model: InferenceModel | None) -> None:
 
 def create_app(settings: Settings, model: InferenceModel | None = None) -> FastAPI:
     """The ASGI app. Without `model`, the lifespan loads settings.model_path with ONNX Runtime."""
+    configure_pillow()
     metrics = Metrics()
     state = ServiceState(
         settings=settings,
@@ -92,6 +100,7 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
     app.state.service = state
     install_handlers(app)
     app.include_router(build_router(state))
+    app.include_router(build_page_router())  # GET /, public and outside the OpenAPI schema
     app.add_middleware(
         UploadLimitMiddleware,
         max_bytes=settings.max_upload_bytes,
@@ -99,7 +108,12 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
         overloaded=state.overloaded,
         max_buffered=settings.max_buffered_upload_bytes,
     )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, draining=lambda: state.draining)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        draining=lambda: state.draining,
+        model=lambda: state.model.card.variant if state.model is not None else None,
+    )
     # Outermost, so a refused upload's remaining bytes are drained after its metrics are recorded.
     app.add_middleware(LingeringCloseMiddleware, seconds=LINGER_SECONDS, max_bytes=4 * settings.max_upload_bytes)
     return app

@@ -99,6 +99,8 @@ async def _client_gone(request: Request) -> None:
 
 async def run_images(request: Request, state: ServiceState, images: list[UploadFile]) -> Outputs:
     """Preprocess and infer a request's images, mapping every failure to the error table."""
+    # For the access record (RequestContextMiddleware reads them from scope["state"]), also on failure.
+    request.state.images = len(images)
     _ensure_ready(state)
     batcher = state.batcher
     assert batcher is not None
@@ -113,6 +115,7 @@ async def run_images(request: Request, state: ServiceState, images: list[UploadF
     finally:
         reservation.release()  # a no-op once submit() took it over
     preprocess_ms = (time.perf_counter() - started) * 1000
+    request.state.preprocess_ms = round(preprocess_ms, 2)
     waiter = asyncio.ensure_future(batcher.wait(ticket))
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
@@ -132,4 +135,6 @@ async def run_images(request: Request, state: ServiceState, images: list[UploadF
         raise ServiceError("internal_error") from None
     except BatcherStopped as exc:
         raise _stopped(state, exc) from None
-    return Outputs(logits, embedding, preprocess_ms, (ticket.queue_wait or 0.0) * 1000, ticket.inference_time * 1000)
+    out = Outputs(logits, embedding, preprocess_ms, (ticket.queue_wait or 0.0) * 1000, ticket.inference_time * 1000)
+    request.state.queue_ms, request.state.inference_ms = round(out.queue_ms, 2), round(out.inference_ms, 2)
+    return out

@@ -38,8 +38,14 @@ class Metrics:
         self.ready = Gauge("resnest_ready", "1 when /readyz answers 200", registry=r)
         self.model_info = Gauge(
             "resnest_model_info",
-            "the served model (value 1)",
-            ["variant", "precision", "provider", "weights"],
+            "each served model version (value 1)",
+            ["model", "version", "variant", "precision", "provider", "weights"],
+            registry=r,
+        )
+        self.model_memory = Gauge(
+            "resnest_model_memory_bytes",
+            "resident memory a model version added when it was loaded and warmed (session, weights, arenas)",
+            ["model", "version"],
             registry=r,
         )
 

@@ -4,6 +4,7 @@ lingering close so that an answer given before the body was read reaches its cli
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -13,12 +14,21 @@ from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ERRORS, ServiceError, error_payload
+from .logs import log_access, request_id_var
 from .metrics import Metrics
+from .page import PATHS as PAGE_PATHS
 from .responses import JSONResponse
 
 REQUEST_ID = "x-request-id"
 _WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-ROUTES = frozenset({"/classify", "/embed", "/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+ROUTES = frozenset(
+    {"/classify", "/embed", "/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", *PAGE_PATHS}
+)
+# Probes and scrapes come every few seconds from every balancer and Prometheus: their successes are logged at
+# debug, so the access log at info shows what clients asked for.
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# What the request path leaves in scope["state"] for the access record (service/inference.py).
+TIMING_KEYS = ("preprocess_ms", "queue_ms", "inference_ms")
 UPLOAD_ROUTES = frozenset({"/classify", "/embed"})
 
 
@@ -102,10 +112,17 @@ class LingeringCloseMiddleware:
 
 class RequestContextMiddleware:
     """Assign a request id (a client's own only if well-formed), count and time every request by route,
-    and ask clients to reconnect elsewhere (Connection: close) while the server drains."""
+    log one access record for it, and ask clients to reconnect elsewhere (Connection: close) while the
+    server drains."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, draining: Callable[[], bool]) -> None:
-        self.app, self.metrics, self.draining = app, metrics, draining
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        draining: Callable[[], bool],
+        model: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.app, self.metrics, self.draining, self.model = app, metrics, draining, model
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -116,7 +133,13 @@ class RequestContextMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"], state["started"] = request_id, time.perf_counter()
         route = scope["path"] if scope["path"] in ROUTES else "other"
-        status = 500
+        status, received = 500, 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
 
         async def send_with_context(message: Message) -> None:
             nonlocal status
@@ -130,12 +153,38 @@ class RequestContextMiddleware:
             await send(message)
 
         self.metrics.inflight.inc()
+        token = request_id_var.set(request_id)  # for whatever is logged while this request is served
         try:
-            await self.app(scope, receive, send_with_context)
+            await self.app(scope, counting_receive, send_with_context)
         finally:
             self.metrics.inflight.dec()
+            elapsed = time.perf_counter() - state["started"]
             self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - state["started"])
+            self.metrics.latency.labels(route).observe(elapsed)
+            self._log_access(scope, route, status, received, elapsed)
+            request_id_var.reset(token)
+
+    def _log_access(self, scope: Scope, route: str, status: int, received: int, elapsed: float) -> None:
+        """The request's access record; the inference figures are there when the request got that far."""
+        state, client = scope["state"], scope.get("client")
+        # raw_path keeps the percent-encoding: a decoded path could carry a newline into a text log.
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else scope["path"]
+        fields: dict[str, object] = {
+            "request_id": state["request_id"],
+            "method": scope["method"],
+            "path": path,
+            "route": route,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 2),
+            "model": state.get("model") or self.model(),
+            "images": state.get("images"),
+            "bytes_received": received,
+            **{key: state.get(key) for key in TIMING_KEYS},
+            "client": f"{client[0]}:{client[1]}" if client else None,
+        }
+        quiet = route in QUIET_ROUTES and status < 400
+        log_access(logging.DEBUG if quiet else logging.INFO, fields)
 
 
 class UploadLimitMiddleware:

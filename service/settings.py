@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="listen address")
     port: int = Field(8000, ge=0, le=65535, description="listen port (0: any free port, logged at start)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: lines for people; json: one JSON object per line (log pipelines)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -352,3 +352,15 @@ def test_haproxy_drops_a_draining_replica_within_its_grace() -> None:
     assert detect < grace / 2
     servers = re.findall(r'^\s*server (r\d) "\$\{(REPLICA\d)\}"', cfg, re.MULTILINE)
     assert servers == [("r1", "REPLICA1"), ("r2", "REPLICA2"), ("r3", "REPLICA3")]
+
+
+def test_the_wheel_stage_copies_every_package_the_project_ships() -> None:
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    wheel_stage = DOCKERFILE.read_text().split(" AS wheel", 1)[1].split("\nFROM ", 1)[0]
+    copied = set(re.findall(r"^COPY (\S+) \1$", wheel_stage, re.M))
+    top_level = {p.split(".")[0] for p in packages}
+    assert top_level <= copied, f"the image's wheel would lack {sorted(top_level - copied)}"
+    for package in packages:
+        assert (ROOT / package.replace(".", "/")).is_dir(), package
