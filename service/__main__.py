@@ -96,9 +96,9 @@ class DrainingServer(uvicorn.Server):
 
     def _abort_inflight(self) -> None:
         """The budget is nearly spent: answer every request still waiting for inference with 503."""
-        batcher = self._state.batcher
-        failed = batcher.abort("the shutdown deadline passed before this request was inferred") if batcher else 0
-        if failed or (batcher is not None and batcher.busy):
+        batchers = self._state.batchers()
+        failed = sum(b.abort("the shutdown deadline passed before this request was inferred") for b in batchers)
+        if failed or any(b.busy for b in batchers):
             self._state.shutdown_timed_out = True
             log.error("shutdown budget of %.1fs nearly spent: answered %d request(s) 503", self._budget, failed)
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn leaves started == False when start-up (model load, warm-up) failed.
     if not server.started:
         return EXIT_START_FAILED
-    if state.batcher is not None and state.batcher.busy:
+    if any(batcher.busy for batcher in state.batchers()):
         log.error("an inference call is still running after shutdown: exiting without waiting for it")
         _exit_now(EXIT_SHUTDOWN_TIMEOUT)
     if state.shutdown_timed_out:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -11,15 +10,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .batcher import Batcher
 from .errors import install_handlers
 from .limits import check_memory, check_spool, memory_limit_bytes, rss_bytes
 from .metrics import Metrics
 from .middleware import LingeringCloseMiddleware, RequestContextMiddleware, UploadLimitMiddleware
+from .oip.routes import build_oip_router
 from .page import build_page_router
 from .preprocess import configure_pillow
+from .repository import RepositoryError, scan
 from .routes import build_router
-from .runtime import InferenceModel, OrtModel, warm_up
+from .runtime import InferenceModel, ModelLoadError
 from .settings import Settings
 from .state import ServiceState
 
@@ -30,43 +30,36 @@ LINGER_SECONDS = 5.0
 
 
 async def _start(state: ServiceState, model: InferenceModel | None) -> None:
+    """Load every configured model (a repository's, the one file, or an injected model), then check limits."""
     settings = state.settings
+    registry = state.registry
     check_spool(settings)
-    if model is None:
-        model = await asyncio.to_thread(OrtModel, settings)
-    state.model = model
-    card = model.card
-    if card.warning:
-        log.warning("%s", card.warning)
-    state.metrics.model_info.labels(
-        settings.model_path.stem,
-        "1",
-        card.variant,
-        card.precision,
-        model.providers[0],
-        card.weights.get("sha256", "?")[:16],
-    ).set(1)
-    shapes = settings.batch_shapes()
-    log.info("warming up batch sizes %s", shapes)
-    await asyncio.to_thread(warm_up, model, shapes)
-    # After warm-up the model's memory (weights, arenas sized by the largest batch) is what it will stay at.
-    check_memory(settings, card.preprocess.input_size, memory_limit_bytes(), rss_bytes())
-    state.warmed = True
-    state.batcher = Batcher(
-        model,
-        max_batch=settings.max_batch_size,
-        max_queue=settings.max_queue_size,
-        max_delay=settings.max_queue_delay_ms / 1000,
-        pad_to=shapes if settings.pad_batches else None,
-        cut_to=shapes,
-        observer=state.metrics.observer(),
-    )
-    state.batcher.start()
-    log.info("ready: %s on %s, max batch %d", card.variant, model.providers, settings.max_batch_size)
+    if model is not None:
+        await registry.add(settings.single_model_name(), model)
+    elif settings.model_repository is not None:
+        entries = scan(settings.model_repository)
+        broken = {name: str(e) for name, e in entries.items() if isinstance(e, RepositoryError)}
+        if broken:  # as Triton's strict start: an operator learns of a broken model now, not from clients
+            raise ModelLoadError("; ".join(f"{name}: {why}" for name, why in broken.items()))
+        if not entries:
+            raise ModelLoadError(f"the model repository {settings.model_repository} holds no model folder")
+        for entry in entries.values():
+            await registry.load(entry)  # type: ignore[arg-type]
+    else:
+        await registry.load_path(settings.single_model_name(), settings.model_path)
+    if settings.default_model and settings.default_model not in registry.models:
+        raise ModelLoadError(f"RESNEST_DEFAULT_MODEL {settings.default_model!r} is not among {registry.names()}")
+    # After warm-up the models' memory (weights, arenas sized by the largest batch) is what it will stay at.
+    largest_input = max(s.model.card.preprocess.input_size for s in registry.all())
+    check_memory(settings, largest_input, memory_limit_bytes(), rss_bytes())
+    state.started = True
+    for served in registry.all():
+        log.info("ready: %s version %d (%s) on %s, max batch %d", served.name, served.version,
+                 served.model.card.variant, served.model.providers, settings.max_batch_size)  # fmt: skip
 
 
 def create_app(settings: Settings, model: InferenceModel | None = None) -> FastAPI:
-    """The ASGI app. Without `model`, the lifespan loads settings.model_path with ONNX Runtime."""
+    """The ASGI app. Without `model`, the lifespan loads the repository or settings.model_path with ONNX Runtime."""
     configure_pillow()
     metrics = Metrics()
     state = ServiceState(
@@ -82,12 +75,11 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
             yield
         finally:
             state.draining = True
-            if state.batcher is not None:
-                deadline = state.shutdown_deadline
-                left = settings.shutdown_timeout_s if deadline is None else deadline - time.monotonic()
-                # Keep a moment of the budget for the 503s of whatever stop() has to give up on.
-                if not await state.batcher.stop(timeout=left - 0.1):
-                    state.shutdown_timed_out = True
+            deadline = state.shutdown_deadline
+            left = settings.shutdown_timeout_s if deadline is None else deadline - time.monotonic()
+            # Keep a moment of the budget for the 503s of whatever stop() has to give up on.
+            if not await state.registry.stop_all(timeout=left - 0.1):
+                state.shutdown_timed_out = True
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
             log.info("stopped")
 
@@ -100,6 +92,7 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
     app.state.service = state
     install_handlers(app)
     app.include_router(build_router(state))
+    app.include_router(build_oip_router(state))  # the Open Inference Protocol v2 over the same request path
     app.include_router(build_page_router())  # GET /, public and outside the OpenAPI schema
     app.add_middleware(
         UploadLimitMiddleware,
@@ -112,7 +105,7 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
         RequestContextMiddleware,
         metrics=metrics,
         draining=lambda: state.draining,
-        model=lambda: state.model.card.variant if state.model is not None else None,
+        model=lambda: state.registry.default_name(),
     )
     # Outermost, so a refused upload's remaining bytes are drained after its metrics are recorded.
     app.add_middleware(LingeringCloseMiddleware, seconds=LINGER_SECONDS, max_bytes=4 * settings.max_upload_bytes)

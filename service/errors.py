@@ -20,6 +20,8 @@ log = logging.getLogger("service.errors")
 ERRORS: dict[str, tuple[int, str]] = {
     "invalid_image": (400, "the image could not be decoded"),
     "malformed_request": (400, "the request body is not valid multipart/form-data"),
+    "invalid_request": (400, "the inference request is not valid"),
+    "model_load_failed": (400, "the model could not be loaded; what was served before is unchanged"),
     "no_classifier": (400, "this model has no classifier (a headless backbone): it serves POST /embed only"),
     "unauthorized": (401, "a valid API key is required: Authorization: Bearer <key>"),
     "not_found": (404, "no such route"),
@@ -49,8 +51,14 @@ class ServiceError(StarletteHTTPException):
         self.code = code
 
 
-def error_payload(code: str, message: str, request_id: str | None) -> dict[str, object]:
-    """The JSON body for `code`."""
+# The Open Inference Protocol's routes answer errors in its own form, {"error": "<message>"}.
+OIP_PREFIX = "/v2"
+
+
+def error_payload(code: str, message: str, request_id: str | None, path: str = "") -> dict[str, object]:
+    """The JSON body for `code`; on the OIP's routes, the protocol's {"error": message}."""
+    if path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/"):
+        return {"error": message}
     body: dict[str, object] = {"error": {"code": code, "message": message}}
     if request_id:
         body["request_id"] = request_id
@@ -59,7 +67,7 @@ def error_payload(code: str, message: str, request_id: str | None) -> dict[str, 
 
 def error_response(request: Request, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """The JSON error response for `code` (status from the table)."""
-    body = error_payload(code, message, getattr(request.state, "request_id", None))
+    body = error_payload(code, message, getattr(request.state, "request_id", None), request.url.path)
     return JSONResponse(body, status_code=ERRORS[code][0], headers=headers)
 
 

@@ -1,9 +1,10 @@
-"""The request path shared by /classify and /embed: read uploads, preprocess off the loop, batch, wait."""
+"""The request path every protocol shares: admission, decoding off the loop, batching, waiting, errors."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,7 @@ from fastapi import Request, UploadFile
 from .batcher import BatcherStopped, DeadlineExceeded, InferenceFailed, QueueFull, Reservation
 from .errors import ServiceError
 from .preprocess import ImageError, preprocess
+from .registry import ServedModel
 from .state import ServiceState
 
 # Declared part types we try to decode; anything else (text/plain, image/svg+xml, ...) is a 415.
@@ -41,11 +43,6 @@ class Outputs:
         }
 
 
-def _ensure_ready(state: ServiceState) -> None:
-    if state.model is None or not state.warmed or state.batcher is None:
-        raise ServiceError("not_ready", "the model is still loading; retry shortly", {"retry-after": "1"})
-
-
 def _stopped(state: ServiceState, reason: BatcherStopped | None = None) -> ServiceError:
     """The answer when the batcher refuses or drops work: shutting down, or its worker is gone."""
     if state.draining:
@@ -54,33 +51,37 @@ def _stopped(state: ServiceState, reason: BatcherStopped | None = None) -> Servi
     return ServiceError("not_ready", "the batch worker stopped" if reason else None)
 
 
-def _admit(state: ServiceState, images: list[UploadFile]) -> Reservation:
-    """Checks that need no pixel: image count, declared part types, then room in the queue."""
-    settings = state.settings
-    if len(images) > settings.max_images_per_request:
-        raise ServiceError("too_many_images", f"at most {settings.max_images_per_request} images per request")
+def check_part_types(images: list[UploadFile]) -> None:
+    """Multipart only: a part declared as a non-image type is a 415 before anything is read."""
     for i, upload in enumerate(images):
         declared = (upload.content_type or "").split(";")[0].strip().lower()
         if declared not in ACCEPTED_PART_TYPES:
             raise ServiceError("unsupported_media_type", f"image {i}: content type {declared!r} is not accepted")
-    assert state.batcher is not None
+
+
+def admit(state: ServiceState, served: ServedModel, count: int) -> Reservation:
+    """Checks that need no pixel: the image count, then room in the model's queue (429 before decoding)."""
+    settings = state.settings
+    if count == 0:
+        raise ServiceError("invalid_parameter", "the request holds no image")
+    if count > settings.max_images_per_request:
+        raise ServiceError("too_many_images", f"at most {settings.max_images_per_request} images per request")
     try:
-        return state.batcher.reserve(len(images))
+        return served.batcher.reserve(count)
     except QueueFull as exc:
         raise ServiceError("overloaded", headers={"retry-after": str(exc.retry_after)}) from None
     except BatcherStopped:
         raise _stopped(state) from None
 
 
-async def _decode_all(state: ServiceState, images: list[UploadFile]) -> list[np.ndarray]:
+async def decode(state: ServiceState, served: ServedModel, blobs: list[bytes]) -> list[np.ndarray]:
+    """Encoded image files -> the model's input tensors, on the decode pool; any failure is that image's 4xx."""
     settings = state.settings
-    datas = [await upload.read() for upload in images]
-    assert state.model is not None
-    cfg = state.model.card.preprocess
+    cfg = served.model.card.preprocess
     loop = asyncio.get_running_loop()
     jobs = [
-        loop.run_in_executor(state.decode_pool, preprocess, data, cfg, settings.max_image_pixels, settings.jpeg_draft)
-        for data in datas
+        loop.run_in_executor(state.decode_pool, preprocess, blob, cfg, settings.max_image_pixels, settings.jpeg_draft)
+        for blob in blobs
     ]
     results = await asyncio.gather(*jobs, return_exceptions=True)
     for i, result in enumerate(results):
@@ -97,17 +98,21 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def run_images(request: Request, state: ServiceState, images: list[UploadFile]) -> Outputs:
-    """Preprocess and infer a request's images, mapping every failure to the error table."""
+Prepare = Callable[[], Awaitable[list[np.ndarray]]]
+
+
+async def run(request: Request, state: ServiceState, served: ServedModel, count: int, prepare: Prepare) -> Outputs:
+    """The one request path of every protocol: admit `count` images into the model's queue, `prepare` their
+    input tensors (read and decode, or take the client's own), batch, and wait, mapping every failure to the
+    error table. A client that disconnects is dropped before its images reach the model."""
     # For the access record (RequestContextMiddleware reads them from scope["state"]), also on failure.
-    request.state.images = len(images)
-    _ensure_ready(state)
-    batcher = state.batcher
-    assert batcher is not None
-    reservation = _admit(state, images)
+    request.state.images = count
+    request.state.model, request.state.model_version = served.name, served.version
+    batcher = served.batcher
+    reservation = admit(state, served, count)
     started = time.perf_counter()
     try:
-        arrays = await _decode_all(state, images)
+        arrays = await prepare()
         elapsed = time.perf_counter() - request.state.started
         ticket = batcher.submit(arrays, timeout=state.settings.request_timeout_s - elapsed, reservation=reservation)
     except BatcherStopped:
@@ -138,3 +143,31 @@ async def run_images(request: Request, state: ServiceState, images: list[UploadF
     out = Outputs(logits, embedding, preprocess_ms, (ticket.queue_wait or 0.0) * 1000, ticket.inference_time * 1000)
     request.state.queue_ms, request.state.inference_ms = round(out.queue_ms, 2), round(out.inference_ms, 2)
     return out
+
+
+async def run_uploads(request: Request, state: ServiceState, served: ServedModel, images: list[UploadFile]) -> Outputs:
+    """Multipart uploads (/classify, /embed)."""
+    check_part_types(images)
+
+    async def prepare() -> list[np.ndarray]:
+        return await decode(state, served, [await upload.read() for upload in images])
+
+    return await run(request, state, served, len(images), prepare)
+
+
+async def run_encoded(request: Request, state: ServiceState, served: ServedModel, blobs: list[bytes]) -> Outputs:
+    """Encoded image files from another protocol (an OIP BYTES tensor): decoded exactly as uploads are."""
+
+    async def prepare() -> list[np.ndarray]:
+        return await decode(state, served, blobs)
+
+    return await run(request, state, served, len(blobs), prepare)
+
+
+async def run_tensors(request: Request, state: ServiceState, served: ServedModel, batch: np.ndarray) -> Outputs:
+    """Input tensors a client preprocessed itself ([N, 3, S, S] float32, checked by the caller)."""
+
+    async def prepare() -> list[np.ndarray]:
+        return list(np.ascontiguousarray(batch, dtype=np.float32))
+
+    return await run(request, state, served, int(batch.shape[0]), prepare)

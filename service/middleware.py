@@ -30,6 +30,26 @@ QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 # What the request path leaves in scope["state"] for the access record (service/inference.py).
 TIMING_KEYS = ("preprocess_ms", "queue_ms", "inference_ms")
 UPLOAD_ROUTES = frozenset({"/classify", "/embed"})
+# The Open Inference Protocol's routes, as metric labels: one per route template, not per model name.
+_OIP_ROUTES = (
+    (re.compile(r"^/v2/models/[^/]+(?:/versions/\d+)?/infer$"), "/v2/models/{model}/infer"),
+    (re.compile(r"^/v2/models/[^/]+(?:/versions/\d+)?/ready$"), "/v2/models/{model}/ready"),
+    (re.compile(r"^/v2/models/[^/]+(?:/versions/\d+)?/config$"), "/v2/models/{model}/config"),
+    (re.compile(r"^/v2/models/[^/]+(?:/versions/\d+)?$"), "/v2/models/{model}"),
+    (re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$"), "/v2/repository/models/{model}/{action}"),
+    (re.compile(r"^/v2(/health/live|/health/ready|/repository/index)?$"), None),
+)
+OIP_INFER = _OIP_ROUTES[0][0]
+
+
+def route_label(path: str) -> str:
+    """The route a path belongs to, for metrics and the access log ("other" for no route of ours)."""
+    if path in ROUTES:
+        return path
+    for pattern, template in _OIP_ROUTES:
+        if pattern.match(path):
+            return template or path
+    return "other"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -132,7 +152,7 @@ class RequestContextMiddleware:
         request_id = offered if offered and _WELL_FORMED_ID.fullmatch(offered) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"], state["started"] = request_id, time.perf_counter()
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        route = route_label(scope["path"])
         status, received = 500, 0
 
         async def counting_receive() -> Message:
@@ -178,6 +198,7 @@ class RequestContextMiddleware:
             "status": status,
             "duration_ms": round(elapsed * 1000, 2),
             "model": state.get("model") or self.model(),
+            "model_version": state.get("model_version"),
             "images": state.get("images"),
             "bytes_received": received,
             **{key: state.get(key) for key in TIMING_KEYS},
@@ -205,7 +226,7 @@ class UploadLimitMiddleware:
         app: ASGIApp,
         max_bytes: int,
         max_requests: int = 1 << 30,
-        overloaded: Callable[[], int | None] = lambda: None,
+        overloaded: Callable[[Scope], int | None] = lambda scope: None,
         max_buffered: int = 1 << 62,
     ) -> None:
         self.app, self.max_bytes, self.max_requests, self.overloaded = app, max_bytes, max_requests, overloaded
@@ -214,19 +235,23 @@ class UploadLimitMiddleware:
         self.buffered = 0  # body bytes those requests hold (declared, or received so far when chunked)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in UPLOAD_ROUTES or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        multipart = scope["path"] in UPLOAD_ROUTES
+        if not multipart and not OIP_INFER.match(scope["path"]):  # an OIP request body: JSON and binary tensors
             await self.app(scope, receive, send)
             return
         content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
         length = _header(scope, b"content-length")
         refusal: tuple[str, str] | None = None
         headers: dict[str, str] = {}
-        if content_type != "multipart/form-data":
+        if multipart and content_type != "multipart/form-data":
             refusal = ("unsupported_media_type", "send the images as multipart/form-data")
         elif length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             refusal = ("payload_too_large", f"the request body exceeds {self.max_bytes} bytes")
         elif (
-            (retry_after := self.overloaded()) is not None
+            (retry_after := self.overloaded(scope)) is not None
             or self.active >= self.max_requests
             or self.buffered + int(length or 0) > self.max_buffered
         ):
@@ -237,7 +262,7 @@ class UploadLimitMiddleware:
         if refusal is not None:
             # Answered before the body is read; LingeringCloseMiddleware discards what the client still sends.
             code, message = refusal
-            body = error_payload(code, message, scope.get("state", {}).get("request_id"))
+            body = error_payload(code, message, scope.get("state", {}).get("request_id"), scope["path"])
             await JSONResponse(body, status_code=ERRORS[code][0], headers=headers)(scope, receive, send)
             return
         received = 0
@@ -245,7 +270,7 @@ class UploadLimitMiddleware:
         # python-multipart silently drops a part whose closing delimiter never arrives: a body cut short lost
         # its last image without an error (one of two images answered 200) or read as a missing field (422).
         # So the close delimiter must be seen before the body ends; it may straddle two chunks.
-        close = _close_delimiter(_header(scope, b"content-type") or "")
+        close = _close_delimiter(_header(scope, b"content-type") or "") if multipart else None
         closed, tail = close is None, b""
 
         async def counting_receive() -> Message:

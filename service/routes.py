@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.responses import Response
 
 from .errors import ERRORS, ServiceError, error_payload
-from .inference import run_images
+from .inference import run_uploads
 from .postprocess import l2_normalize, top_k
 from .responses import JSONResponse
 from .schemas import ClassifyResponse, EmbedResponse, ErrorResponse, Health, ModelInfo, Readiness
@@ -58,6 +58,10 @@ def build_router(state: ServiceState) -> APIRouter:
 
     guarded = [Depends(require_key)]
     TopK = Annotated[int | None, Query(alias="top_k", ge=1, le=settings.top_k_max, description="predictions per image")]
+    ModelName = Annotated[
+        str | None, Query(alias="model", max_length=64, description="which model (default: the only one served)")
+    ]
+    Version = Annotated[int | None, Query(ge=1, description="which version of it (default: the latest served)")]
 
     @router.post(
         "/classify",
@@ -70,17 +74,21 @@ def build_router(state: ServiceState) -> APIRouter:
         request: Request,
         images: Images,
         top_k_: TopK = None,
+        model_name: ModelName = None,
+        version: Version = None,
     ) -> Response:
-        k = top_k_ or settings.top_k_default
-        if (model := state.model) is not None:  # without a model run_images answers 503
-            if not model.card.has_classifier:
+        served = state.resolve(model_name, version)
+        with served.use():
+            card = served.model.card
+            if not card.has_classifier:
                 raise ServiceError("no_classifier")  # before any image is decoded
-            k = requested_top_k(settings, top_k_, model.card.num_classes)
-        out = await run_images(request, state, images)
-        assert state.model is not None
-        predictions = top_k(out.logits, k, state.model.card.labels)
+            k = requested_top_k(settings, top_k_, card.num_classes)
+            out = await run_uploads(request, state, served, images)
+        predictions = top_k(out.logits, k, card.labels)
         body = {
-            "model": state.model.card.variant,
+            "model": card.variant,
+            "model_name": served.name,
+            "model_version": served.version,
             "results": [{"filename": f.filename, "predictions": p} for f, p in zip(images, predictions, strict=True)],
         }
         state.metrics.images.labels("/classify").inc(len(images))
@@ -97,12 +105,17 @@ def build_router(state: ServiceState) -> APIRouter:
         request: Request,
         images: Images,
         normalize: Annotated[bool, Query(description="scale each embedding to unit L2 norm")] = False,
+        model_name: ModelName = None,
+        version: Version = None,
     ) -> Response:
-        out = await run_images(request, state, images)
-        assert state.model is not None
+        served = state.resolve(model_name, version)
+        with served.use():
+            out = await run_uploads(request, state, served, images)
         vectors = l2_normalize(out.embedding) if normalize else out.embedding
         body = {
-            "model": state.model.card.variant,
+            "model": served.model.card.variant,
+            "model_name": served.name,
+            "model_version": served.version,
             "dim": int(vectors.shape[1]),
             "normalized": normalize,
             "results": [{"filename": f.filename, "embedding": v} for f, v in zip(images, vectors, strict=True)],
@@ -111,18 +124,22 @@ def build_router(state: ServiceState) -> APIRouter:
         return JSONResponse(body, headers=out.timing_headers())
 
     @router.get("/model", response_model=ModelInfo, responses=_ERROR_RESPONSES, dependencies=guarded)
-    async def model_info() -> Response:
+    async def model_info(model_name: ModelName = None, version: Version = None) -> Response:
         """What is served: variant, preprocessing, active providers, weights digest, parity report."""
-        if state.model is None:
-            raise ServiceError("not_ready")
-        card = state.model.card
+        served = state.resolve(model_name, version)
+        card = served.model.card
         pre = card.preprocess
         limits = top_k_limits(settings, card.num_classes)
         return JSONResponse(
             {
+                "name": served.name,
+                "version": served.version,
+                "versions": sorted(state.registry.models.get(served.name, {})),
+                "models": state.registry.names(),
+                "memory_bytes": served.memory_bytes,
                 "variant": card.variant,
                 "precision": card.precision,
-                "providers": state.model.providers,
+                "providers": served.model.providers,
                 "input_size": pre.input_size,
                 "preprocess": {**pre.to_dict(), "crop_size": pre.input_size},
                 "embedding_dim": card.embedding_dim,

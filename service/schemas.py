@@ -20,6 +20,8 @@ class Classification(BaseModel):
 
 class ClassifyResponse(BaseModel):
     model: str = Field(description="the served variant")
+    model_name: str = Field(description="the model's name (a repository folder, or the model file's stem)")
+    model_version: int = Field(description="the version that answered")
     results: list[Classification] = Field(description="one entry per uploaded image, in upload order")
 
 
@@ -30,6 +32,8 @@ class Embedding(BaseModel):
 
 class EmbedResponse(BaseModel):
     model: str
+    model_name: str
+    model_version: int
     dim: int = Field(description="embedding length (2048 for the published variants)")
     normalized: bool = Field(description="whether each embedding was scaled to unit L2 norm")
     results: list[Embedding]
@@ -60,6 +64,11 @@ class TopKLimits(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    name: str = Field(description="the model's name, as requests give it in model=")
+    version: int
+    versions: list[int] = Field(description="every version of this model being served")
+    models: list[str] = Field(description="every model being served")
+    memory_bytes: int = Field(description="resident memory this version added when it was loaded and warmed")
     variant: str
     precision: str
     providers: list[str] = Field(description="execution providers actually active, first one runs the model")

@@ -30,7 +30,15 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, extra="forbid", frozen=True, protected_namespaces=(), validate_default=True
     )
 
-    model_path: Path = Field(Path("artifacts/resnest50-fp32.onnx"), description="the exported .onnx file to serve")
+    model_path: Path = Field(
+        Path("artifacts/resnest50-fp32.onnx"), description="the exported .onnx file to serve (one model, version 1)"
+    )
+    model_repository: Path | None = Field(
+        None, description="serve a Triton-layout repository instead: <dir>/<model>/<version>/model.onnx"
+    )
+    default_model: str | None = Field(
+        None, description="the model of requests that name none (default: the only one served)"
+    )
     providers: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="execution provider preference: auto tries CUDA then falls back to CPU"
     )
@@ -100,6 +108,8 @@ class Settings(BaseSettings):
                 f"max_images_per_request ({self.max_images_per_request}) exceeds max_queue_size "
                 f"({self.max_queue_size}): such a request could never be admitted"
             )
+        if self.model_repository is not None and "model_path" in self.model_fields_set:
+            raise ValueError("set model_path or model_repository, not both: a repository names its own files")
         if self.max_upload_bytes > self.max_buffered_upload_bytes:
             raise ValueError(
                 f"max_upload_bytes ({self.max_upload_bytes}) exceeds max_buffered_upload_bytes "
@@ -122,6 +132,10 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}; see `resnest-serve --help`")
         return cls()
+
+    def single_model_name(self) -> str:
+        """The name RESNEST_MODEL_PATH is served under: the file's stem (resnest50-fp32.onnx -> resnest50-fp32)."""
+        return self.default_model or self.model_path.stem
 
     def batch_shapes(self) -> list[int]:
         """Every batch size the batcher can hand to the model (what warm-up must cover): the powers of two

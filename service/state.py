@@ -1,14 +1,23 @@
-"""What the running app knows about itself: model, batcher, warm-up, draining; readiness derives from it."""
+"""What the running app knows about itself: its models, start-up, draining; readiness derives from it."""
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs
+
+from starlette.types import Scope
 
 from .batcher import Batcher
+from .errors import ServiceError
 from .metrics import Metrics
+from .registry import Registry, ServedModel
 from .runtime import InferenceModel
 from .settings import Settings
+
+# /v2/models/{model}[/versions/{version}]/infer: the model an OIP upload is for, read before its body.
+_OIP_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?/infer$")
 
 
 @dataclass
@@ -18,36 +27,92 @@ class ServiceState:
     settings: Settings
     metrics: Metrics
     decode_pool: ThreadPoolExecutor
-    model: InferenceModel | None = None
-    batcher: Batcher | None = None
-    warmed: bool = False
+    registry: Registry = field(init=False)
+    started: bool = False  # every configured model loaded and warmed at start-up
     draining: bool = False
     shutdown_deadline: float | None = None  # time.monotonic() by which the process must have exited
     shutdown_timed_out: bool = False  # requests were answered 503 because the budget ran out
 
+    def __post_init__(self) -> None:
+        self.registry = Registry(self.settings, self.metrics)
+
+    # -- the default model, for single-model callers and the operator's view ------------------------------
+    def _default(self) -> ServedModel | None:
+        name = self.registry.default_name()
+        versions = self.registry.models.get(name) if name else None
+        return versions[max(versions)] if versions else None
+
+    @property
+    def model(self) -> InferenceModel | None:
+        served = self._default()
+        return served.model if served else None
+
+    @property
+    def batcher(self) -> Batcher | None:
+        served = self._default()
+        return served.batcher if served else None
+
+    @property
+    def warmed(self) -> bool:
+        return self.started
+
+    def batchers(self) -> list[Batcher]:
+        return [served.batcher for served in self.registry.all()]
+
+    def resolve(self, name: str | None, version: int | None = None) -> ServedModel:
+        """The model version a request is for; 503 while start-up is still loading models."""
+        if not self.started:
+            raise ServiceError("not_ready", "the model is still loading; retry shortly", {"retry-after": "1"})
+        return self.registry.resolve(name, version)
+
+    # -- readiness and liveness ----------------------------------------------------------------------------
     def not_ready_reasons(self) -> list[str]:
         """Why /readyz is 503; empty when the service should receive traffic."""
         reasons = []
         if self.draining:
             reasons.append("draining")
-        if self.model is None:
-            reasons.append("model not loaded")
-        elif not self.warmed:
-            reasons.append("warming up")
-        if self.batcher is not None and not self.batcher.alive:
-            reasons.append("batch worker stopped")
-        elif self.batcher is not None and self.batcher.stalled_for() > self.settings.request_timeout_s:
-            reasons.append("inference stalled")
+        if not self.started:
+            reasons.append("warming up" if self.registry.building else "model not loaded")
+        elif not self.registry.models:
+            reasons.append("no model loaded")
+        for served in self.registry.all():
+            if served.unloading:
+                continue
+            label = "" if len(self.registry.all()) == 1 else f"{served.name} version {served.version}: "
+            if not served.batcher.alive:
+                reasons.append(f"{label}batch worker stopped")
+            elif served.batcher.stalled_for() > self.settings.request_timeout_s:
+                reasons.append(f"{label}inference stalled")
         return reasons
 
-    def overloaded(self) -> int | None:
-        """Retry-After seconds when the queue has no room for even one image, else None."""
-        batcher = self.batcher
-        if batcher is None or not batcher.full():
+    def overloaded(self, scope: Scope | None = None) -> int | None:
+        """Retry-After seconds when the queue of the model this request is for has no room for one image."""
+        served = self._target(scope)
+        if served is None or not served.batcher.full():
             return None
-        return batcher.retry_after(batcher.depth)
+        return served.batcher.retry_after(served.batcher.depth)
+
+    def _target(self, scope: Scope | None) -> ServedModel | None:
+        """The model an upload names (query or OIP path), resolved without raising; None when unknown."""
+        name: str | None = None
+        version: int | None = None
+        if scope is not None:
+            found = _OIP_INFER.match(scope.get("path", ""))
+            if found:
+                name, version = found["name"], int(found["version"]) if found["version"] else None
+            else:
+                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                name = query.get("model", [None])[0]
+                given = query.get("version", [None])[0]
+                version = int(given) if given and given.isdigit() else None
+        try:
+            return self.registry.resolve(name, version)
+        except ServiceError:
+            return None
 
     @property
     def worker_dead(self) -> bool:
-        """The batch worker ran and stopped on its own: the process can no longer serve."""
-        return self.batcher is not None and not self.batcher.alive and not self.draining
+        """A batch worker ran and stopped on its own: the process can no longer serve that model."""
+        if self.draining:
+            return False
+        return any(not s.batcher.alive and not s.unloading for s in self.registry.all())

@@ -16,7 +16,8 @@ from service import logs
 from tests.conftest import jpeg, wait_until
 
 ACCESS_KEYS = {
-    "request_id", "method", "path", "route", "status", "duration_ms", "model", "images", "bytes_received",
+    "request_id", "method", "path", "route", "status", "duration_ms", "model", "model_version", "images",
+    "bytes_received",
     "preprocess_ms", "queue_ms", "inference_ms", "client",
 }  # fmt: skip
 
@@ -51,7 +52,7 @@ def test_every_json_line_parses_and_carries_the_request_id_the_client_saw(server
         assert record["status"] == answer.status_code
         assert record["method"] == answer.request.method
         assert record["path"] == answer.request.url.raw_path.decode().split("?")[0]
-        assert record["model"] == "resnest14d"
+        assert record["model"] == tiny_onnx.stem  # the served name: the model file's stem
         assert re.fullmatch(r"127\.0\.0\.1:\d+", record["client"])
         assert record["bytes_received"] == int(answer.request.headers.get("content-length", 0))
         assert record["duration_ms"] >= 0

@@ -40,7 +40,7 @@ _LENGTH = struct.Struct("<I")
 class ProtocolError(ValueError):
     """A request the protocol cannot carry out; `code` selects the answer from the service's error table."""
 
-    def __init__(self, message: str, code: str = "invalid_parameter") -> None:
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
         super().__init__(message)
         self.code = code
 

@@ -1,0 +1,285 @@
+"""The models being served: one session, batcher and inference thread per model version, loaded and unloaded
+while the server runs (Triton's explicit model control).
+
+A load builds every version its policy selects off to the side and swaps them in only when all are warmed,
+so a failed load leaves what was served untouched. An unload (or the old versions a reload replaces) stops
+taking requests at once, lets those in flight finish, then stops its batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .batcher import Batcher
+from .errors import ServiceError
+from .limits import rss_bytes
+from .metrics import Metrics
+from .repository import ModelEntry, RepositoryError, read_model, scan
+from .runtime import InferenceModel, ModelLoadError, OrtModel, warm_up
+from .settings import Settings
+
+log = logging.getLogger("service.registry")
+
+Loader = Callable[[Settings, Path], InferenceModel]
+
+
+def load_onnx(settings: Settings, path: Path) -> InferenceModel:
+    """The production loader: an ONNX Runtime session over `path` with the service's settings."""
+    return OrtModel(settings.model_copy(update={"model_path": path}))
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One version of one model, warmed and with its own batcher."""
+
+    name: str
+    version: int
+    model: InferenceModel
+    batcher: Batcher
+    source: str
+    memory_bytes: int
+    loaded_at: float = field(default_factory=time.time)
+    unloading: bool = False
+    inflight: int = 0  # requests that resolved to this version and have not been answered
+
+    @property
+    def ready(self) -> bool:
+        return not self.unloading and self.batcher.alive
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[ServedModel]:
+        """Count a request against this version for as long as it is being answered (unload waits on it)."""
+        self.inflight += 1
+        try:
+            yield self
+        finally:
+            self.inflight -= 1
+
+
+@dataclass
+class IndexEntry:
+    """A row of the repository index: what exists, in which state, and why when it is not served."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+class Registry:
+    """Every served model by name and version; the single place requests resolve a model."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader = load_onnx) -> None:
+        self.settings, self.metrics, self.loader = settings, metrics, loader
+        self.models: dict[str, dict[int, ServedModel]] = {}
+        self.failures: dict[str, str] = {}  # why a model's last load failed
+        self._lock = asyncio.Lock()  # one load or unload at a time: memory is measured per load
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.building = False  # a model is being loaded or warmed right now
+
+    # -- lookup ------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def all(self) -> list[ServedModel]:
+        return [served for versions in self.models.values() for served in versions.values()]
+
+    def default_name(self) -> str | None:
+        """The model a request that names none gets: the configured default, else the only one."""
+        if self.settings.default_model:
+            return self.settings.default_model
+        return self.names()[0] if len(self.models) == 1 else None
+
+    def resolve(self, name: str | None, version: int | None = None) -> ServedModel:
+        """The version a request is for, or the error table's answer (404 unknown, 503 unloading)."""
+        available = ", ".join(self.names()) or "none"
+        if name is None:
+            name = self.default_name()
+            if name is None:
+                raise ServiceError(
+                    "invalid_parameter", f"several models are served; name one with model= ({available})"
+                )
+        versions = self.models.get(name)
+        if not versions:
+            raise ServiceError("model_not_found", f"unknown model {name!r}; available: {available}")
+        if version is None:
+            version = max(versions)
+        served = versions.get(version)
+        if served is None:
+            raise ServiceError(
+                "model_not_found", f"model {name!r} has no version {version}; available: {sorted(versions)}"
+            )
+        if served.unloading:
+            raise ServiceError("model_unavailable", f"model {name!r} version {version} is being unloaded")
+        return served
+
+    # -- loading -----------------------------------------------------------------------------------------
+    async def _build(self, name: str, version: int, model: InferenceModel | None, path: Path | None) -> ServedModel:
+        self.building = True
+        try:
+            return await self._build_now(name, version, model, path)
+        finally:
+            self.building = False
+
+    async def _build_now(self, name: str, version: int, model: InferenceModel | None, path: Path | None) -> ServedModel:
+        settings = self.settings
+        before = rss_bytes()
+        if model is None:
+            assert path is not None
+            try:
+                model = await asyncio.to_thread(self.loader, settings, path)
+            except ModelLoadError:
+                raise
+            except Exception as exc:  # ONNX Runtime's own errors: a corrupt or foreign file
+                raise ModelLoadError(f"model {name!r} version {version}: {exc}") from exc
+        if model.card.parity.get("passed") is False:
+            raise ModelLoadError(f"model {name!r} version {version}: the file's parity report failed")
+        shapes = settings.batch_shapes()
+        log.info("warming up %s version %d: batch sizes %s", name, version, shapes)
+        await asyncio.to_thread(warm_up, model, shapes)
+        batcher = Batcher(
+            model,
+            max_batch=settings.max_batch_size,
+            max_queue=settings.max_queue_size,
+            max_delay=settings.max_queue_delay_ms / 1000,
+            pad_to=shapes if settings.pad_batches else None,
+            cut_to=shapes,
+            observer=self.metrics.observer(),
+        )
+        batcher.start()
+        memory = max(rss_bytes() - before, 0)
+        served = ServedModel(name, version, model, batcher, str(path) if path else "in-process", memory)
+        card = model.card
+        self.metrics.model_memory.labels(name, str(version)).set(memory)
+        self.metrics.model_info.labels(
+            name, str(version), card.variant, card.precision, model.providers[0], card.weights.get("sha256", "?")[:16]
+        ).set(1)
+        if card.warning:
+            log.warning("%s (model %s version %d)", card.warning, name, version)
+        log.info("loaded %s version %d (%s, %s) on %s: %.0f MiB", name, version, card.variant, card.precision,
+                 model.providers, memory / 2**20)  # fmt: skip
+        return served
+
+    async def add(self, name: str, model: InferenceModel, version: int = 1) -> ServedModel:
+        """Serve an already-built model (tests, the one-file shortcut with an injected model)."""
+        async with self._lock:
+            served = await self._build(name, version, model, None)
+            self.models[name] = {version: served}
+            return served
+
+    async def load(self, entry: ModelEntry) -> list[ServedModel]:
+        """Serve the versions `entry` selects, replacing what was served under its name only on success."""
+        async with self._lock:
+            built: list[ServedModel] = []
+            try:
+                for version in entry.selected:
+                    built.append(await self._build(entry.name, version, None, entry.files[version]))
+            except Exception as exc:
+                for served in built:
+                    await served.batcher.stop(0)
+                    self._forget(served)
+                self.failures[entry.name] = str(exc)
+                raise
+            self.failures.pop(entry.name, None)
+            old = self.models.get(entry.name, {})
+            self.models[entry.name] = {s.version: s for s in built}
+            for served in old.values():
+                self._retire(served)
+            return built
+
+    async def load_path(self, name: str, path: Path) -> ServedModel:
+        """The one-file shortcut (RESNEST_MODEL_PATH): `path` served as version 1 of `name`."""
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path} (build it with `python -m export`)")
+        (served,) = await self.load(ModelEntry(name, {1: path}))
+        return served
+
+    async def load_from_repository(self, name: str) -> list[ServedModel]:
+        """(Re)load one model folder of RESNEST_MODEL_REPOSITORY."""
+        root = self.settings.model_repository
+        if root is None:
+            raise ServiceError("invalid_parameter", "no model repository is configured (RESNEST_MODEL_REPOSITORY)")
+        folder = root / name
+        if not folder.is_dir() or name.startswith("."):
+            raise ServiceError("model_not_found", f"the repository has no model {name!r}")
+        try:
+            entry = read_model(folder)
+        except RepositoryError as exc:
+            self.failures[name] = str(exc)
+            raise ModelLoadError(str(exc)) from exc
+        return await self.load(entry)
+
+    # -- unloading ---------------------------------------------------------------------------------------
+    def _forget(self, served: ServedModel) -> None:
+        card = served.model.card
+        with contextlib.suppress(KeyError):
+            self.metrics.model_memory.remove(served.name, str(served.version))
+        with contextlib.suppress(KeyError):
+            self.metrics.model_info.remove(
+                served.name, str(served.version), card.variant, card.precision, served.model.providers[0],
+                card.weights.get("sha256", "?")[:16],
+            )  # fmt: skip
+
+    async def _drain(self, served: ServedModel) -> None:
+        """Refuse new requests at once, let those in flight finish (up to their deadline), stop the batcher."""
+        served.unloading = True
+        deadline = time.monotonic() + self.settings.request_timeout_s + 1.0
+        while served.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await served.batcher.stop(timeout=max(deadline - time.monotonic(), 0.0))
+        self._forget(served)
+        log.info("unloaded %s version %d", served.name, served.version)
+
+    def _retire(self, served: ServedModel) -> None:
+        """Drain a replaced version in the background; the new one is already taking requests."""
+        served.unloading = True
+        task = asyncio.get_running_loop().create_task(self._drain(served))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving every version of `name` once its requests in flight are answered."""
+        async with self._lock:
+            versions = self.models.get(name)
+            if not versions:
+                raise ServiceError("model_not_found", f"unknown model {name!r}; available: {', '.join(self.names())}")
+            for served in versions.values():
+                served.unloading = True
+            await asyncio.gather(*(self._drain(s) for s in versions.values()))
+            del self.models[name]
+
+    # -- the repository index ----------------------------------------------------------------------------
+    def index(self) -> list[IndexEntry]:
+        """Every model on disk and in memory: READY, UNLOADING, UNAVAILABLE (with the reason)."""
+        rows: dict[tuple[str, str], IndexEntry] = {}
+        root = self.settings.model_repository
+        if root is not None:
+            for name, entry in scan(root).items():
+                if isinstance(entry, RepositoryError):
+                    rows[(name, "")] = IndexEntry(name, "", "UNAVAILABLE", str(entry))
+                    continue
+                for version in sorted(entry.files):
+                    chosen = version in entry.selected
+                    reason = "" if chosen else "not selected by the version policy"
+                    rows[(name, str(version))] = IndexEntry(name, str(version), "UNAVAILABLE", reason)
+        for name, error in self.failures.items():
+            for key, row in rows.items():
+                if key[0] == name:
+                    row.reason = error
+        for served in self.all():
+            state = "UNLOADING" if served.unloading else "READY" if served.ready else "UNAVAILABLE"
+            rows[(served.name, str(served.version))] = IndexEntry(served.name, str(served.version), state)
+        return [rows[k] for k in sorted(rows, key=lambda k: (k[0], int(k[1] or 0)))]
+
+    async def stop_all(self, timeout: float) -> bool:
+        """Stop every batcher within `timeout`; whether all finished their work."""
+        results = await asyncio.gather(*(s.batcher.stop(timeout) for s in self.all()))
+        for task in list(self._retiring):
+            task.cancel()
+        return all(results)
