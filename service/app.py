@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -15,6 +16,7 @@ from .limits import check_memory, check_spool, memory_limit_bytes, rss_bytes
 from .metrics import Metrics
 from .middleware import LingeringCloseMiddleware, RequestContextMiddleware, UploadLimitMiddleware
 from .oip.routes import build_oip_router
+from .oip.schemas import components as oip_components
 from .page import build_page_router
 from .preprocess import configure_pillow
 from .repository import RepositoryError, scan
@@ -58,6 +60,19 @@ async def _start(state: ServiceState, model: InferenceModel | None) -> None:
                  served.model.card.variant, served.model.providers, settings.max_batch_size)  # fmt: skip
 
 
+def _document_oip_bodies(app: FastAPI) -> None:
+    """Add the OIP request body's component schemas to the app's OpenAPI document (read raw, not by FastAPI)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(oip_components())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings, model: InferenceModel | None = None) -> FastAPI:
     """The ASGI app. Without `model`, the lifespan loads the repository or settings.model_path with ONNX Runtime."""
     configure_pillow()
@@ -93,6 +108,7 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
     install_handlers(app)
     app.include_router(build_router(state))
     app.include_router(build_oip_router(state))  # the Open Inference Protocol v2 over the same request path
+    _document_oip_bodies(app)
     app.include_router(build_page_router())  # GET /, public and outside the OpenAPI schema
     app.add_middleware(
         UploadLimitMiddleware,

@@ -29,6 +29,22 @@ from ..repository import RepositoryError, VersionPolicy, read_model
 from ..runtime import CUDA, ModelLoadError
 from ..state import ServiceState
 from .codec import BYTES, InferRequest, OutputTensor, ProtocolError, encode_response, parse_request
+from .schemas import (
+    INFER_BODY,
+    INFER_OK,
+    Empty,
+    Live,
+    ModelMetadata,
+    Readiness,
+    RepositoryEntry,
+    ServerMetadata,
+    error_responses,
+)
+
+# The statuses each kind of route can answer (documented in OpenAPI, checked by the schema fuzzer).
+_META_ERRORS = error_responses(401, 404, 422, 503)
+_INFER_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 499, 500, 503, 504)
+_CONTROL_ERRORS = error_responses(400, 401, 404, 422, 503)
 
 TENSOR_INPUT, BYTES_INPUT = "images", "image_bytes"
 PROBABILITIES = "probabilities"
@@ -139,17 +155,27 @@ def build_oip_router(state: ServiceState) -> APIRouter:
         return state.resolve(name, model_version)
 
     # -- health and metadata -------------------------------------------------------------------------------
-    @router.get("", summary="Server metadata")
+    @router.get("", summary="Server metadata", response_model=ServerMetadata)
     async def server_metadata() -> Response:
         return _json({"name": "resnest-serve", "version": _server_version(), "extensions": EXTENSIONS})
 
-    @router.get("/health/live", summary="Server liveness (200 while the process can serve)")
+    @router.get(
+        "/health/live",
+        summary="Server liveness (200 while the process can serve)",
+        response_model=Live,
+        responses=error_responses(503),
+    )
     async def live() -> Response:
         if state.worker_dead:
             raise ServiceError("not_ready", "a batch worker died")
         return _json({"live": True})
 
-    @router.get("/health/ready", summary="Server readiness (200 when every loaded model is ready)")
+    @router.get(
+        "/health/ready",
+        summary="Server readiness (200 when every loaded model is ready)",
+        response_model=Readiness,
+        responses=error_responses(503),
+    )
     async def ready() -> Response:
         reasons = state.not_ready_reasons()
         if reasons:
@@ -200,30 +226,39 @@ def build_oip_router(state: ServiceState) -> APIRouter:
         return _json(config)
 
     # Each model route twice, with and without /versions/{v}, as the protocol has them.
-    @router.get("/models/{model_name}", dependencies=guarded, summary="Model metadata")
+    meta = {"responses": _META_ERRORS, "dependencies": guarded}
+
+    @router.get("/models/{model_name}", summary="Model metadata", response_model=ModelMetadata, **meta)
     async def metadata_latest(model_name: Name) -> Response:
         return await model_metadata(model_name, None)
 
-    @router.get("/models/{model_name}/versions/{model_version}", dependencies=guarded, summary="Model metadata")
+    @router.get(
+        "/models/{model_name}/versions/{model_version}", summary="Model metadata", response_model=ModelMetadata, **meta
+    )
     async def metadata_versioned(model_name: Name, model_version: Version) -> Response:
         return await model_metadata(model_name, model_version)
 
     # Readiness is a probe, open like the health routes.
-    @router.get("/models/{model_name}/ready", summary="Model readiness")
+    @router.get(
+        "/models/{model_name}/ready", summary="Model readiness", response_model=Readiness, responses=_META_ERRORS
+    )
     async def ready_latest(model_name: Name) -> Response:
         return await model_ready(model_name, None)
 
-    @router.get("/models/{model_name}/versions/{model_version}/ready", summary="Model readiness")
+    @router.get(
+        "/models/{model_name}/versions/{model_version}/ready",
+        summary="Model readiness",
+        response_model=Readiness,
+        responses=_META_ERRORS,
+    )
     async def ready_versioned(model_name: Name, model_version: Version) -> Response:
         return await model_ready(model_name, model_version)
 
-    @router.get("/models/{model_name}/config", dependencies=guarded, summary="Model configuration (Triton)")
+    @router.get("/models/{model_name}/config", summary="Model configuration (Triton)", **meta)
     async def config_latest(model_name: Name) -> Response:
         return await model_config(model_name, None)
 
-    @router.get(
-        "/models/{model_name}/versions/{model_version}/config", dependencies=guarded, summary="Model configuration"
-    )
+    @router.get("/models/{model_name}/versions/{model_version}/config", summary="Model configuration", **meta)
     async def config_versioned(model_name: Name, model_version: Version) -> Response:
         return await model_config(model_name, model_version)
 
@@ -267,13 +302,21 @@ def build_oip_router(state: ServiceState) -> APIRouter:
     async def infer_versioned(request: Request, model_name: Name, model_version: Version) -> Response:
         return await infer(request, model_name, model_version)
 
-    router.add_api_route("/models/{model_name}/infer", infer_latest, methods=["POST"], dependencies=guarded,
-                         summary="Inference (JSON or binary tensors)")  # fmt: skip
+    infer_doc = {"dependencies": guarded, "openapi_extra": INFER_BODY, "responses": {**INFER_OK, **_INFER_ERRORS}}
+    router.add_api_route("/models/{model_name}/infer", infer_latest, methods=["POST"],
+                         summary="Inference (JSON or binary tensors)", **infer_doc)  # fmt: skip
     router.add_api_route("/models/{model_name}/versions/{model_version}/infer", infer_versioned, methods=["POST"],
-                         dependencies=guarded, summary="Inference on one version")  # fmt: skip
+                         summary="Inference on one version", **infer_doc)  # fmt: skip
 
     # -- repository (Triton's explicit model control) ----------------------------------------------------
-    @router.post("/repository/index", dependencies=guarded, summary="Every model on disk or served, with its state")
+    control = {"dependencies": guarded, "responses": _CONTROL_ERRORS}
+
+    @router.post(
+        "/repository/index",
+        summary="Every model on disk or served, with its state",
+        response_model=list[RepositoryEntry],
+        **control,
+    )
     async def repository_index(request: Request) -> Response:
         body = await request.body()
         only_ready = False
@@ -290,7 +333,9 @@ def build_oip_router(state: ServiceState) -> APIRouter:
         ]
         return _json(rows)
 
-    @router.post("/repository/models/{model_name}/load", dependencies=guarded, summary="Load or reload a model")
+    @router.post(
+        "/repository/models/{model_name}/load", summary="Load or reload a model", response_model=Empty, **control
+    )
     async def repository_load(request: Request, model_name: Name) -> Response:
         body = await request.body()
         if body.strip():
@@ -312,7 +357,7 @@ def build_oip_router(state: ServiceState) -> APIRouter:
             raise ServiceError("model_load_failed", f"failed to load {model_name!r}: {exc}") from None
         return _json({})
 
-    @router.post("/repository/models/{model_name}/unload", dependencies=guarded, summary="Unload a model")
+    @router.post("/repository/models/{model_name}/unload", summary="Unload a model", response_model=Empty, **control)
     async def repository_unload(model_name: Name) -> Response:
         await registry.unload(model_name)
         return _json({})
