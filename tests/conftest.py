@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import io
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,32 +70,74 @@ async def app_client(app) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[n
             yield client
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll the event loop until `condition` holds; the timeout only stops a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02) -> None:
+    """Block until `condition` holds (for code outside an event loop); the timeout only stops a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(interval)
+
+
+# What service/__main__.py logs once uvicorn has bound its socket: the real port, also for RESNEST_PORT=0.
+LISTENING = re.compile(r"listening on http://(?P<host>\[[^\]]+\]|[^\s:/]+):(?P<port>\d+)")
 
 
 class ServerProcess:
-    """`python -m service` in a subprocess on a loopback port, stopped (and reaped) by the fixture."""
+    """`python -m service` in a subprocess, stopped (and reaped) by the fixture.
+
+    It binds port 0 (any free port, chosen by the kernel: no window in which another process can take it) and
+    `.port`/`.url` come from the `listening on` line of its log, which needs log level info or lower.
+    """
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "RESNEST_HOST": "127.0.0.1", "RESNEST_PORT": str(self.port), **env}
+        full_env = {**os.environ, "RESNEST_HOST": "127.0.0.1", "RESNEST_PORT": "0", **env}
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._address: tuple[str, int] | None = None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    @property
+    def port(self) -> int:
+        """The port the server bound (waits for it to start listening)."""
+        return self.wait_listening()[1]
+
+    @property
+    def url(self) -> str:
+        host, port = self.wait_listening()
+        return f"http://{host}:{port}"
+
+    def wait_listening(self, timeout: float = 120.0) -> tuple[str, int]:
+        """(host, port) from the server's log once it listens; start-up (model load, warm-up) comes first."""
         deadline = time.monotonic() + timeout
+        while self._address is None:
+            if found := LISTENING.search(self.log()):
+                self._address = (found["host"], int(found["port"]))
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before listening:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not listening after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+        return self._address
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        self.wait_listening(timeout)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
                     return
             time.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")

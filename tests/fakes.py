@@ -10,8 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from export.labels import imagenet_labels
-from service.model_card import ModelCard
-from service.preprocess import PreprocessConfig
+from modelcard import ModelCard, PreprocessConfig
 
 FAKE_SIZE = 32
 FAKE_DIM = 16
@@ -58,8 +57,13 @@ class FakeModel:
         self.fail: Callable[[np.ndarray], None] | None = None  # raise from here to inject a fault
         self.gate: threading.Event | None = None  # when set, infer blocks until the gate opens
         self.lock = threading.Lock()
+        # Counted as a call starts, before the gate: tests wait on it for "the batch is inside the model"
+        # rather than sleeping and hoping the worker got there by then.
+        self.calls = 0
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:
+            self.calls += 1
         if self.gate is not None:
             self.gate.wait(timeout=30)
         if self.delay:

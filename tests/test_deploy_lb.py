@@ -10,8 +10,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -22,13 +24,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, free_port, jpeg
+from tests.conftest import ROOT, ServerProcess, jpeg, wait_until
 
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 NAMES = ("r1", "r2", "r3")
 GRACE_S = 3.0  # the replicas' drain grace: HAProxy must mark a draining replica DOWN well within it
 SHUTDOWN_S = 10.0
+HANG_S = 60.0  # only stops a hang: what is waited for here takes a few seconds at most
+# Appended to deploy/haproxy.cfg for the tests only. An admin socket, to point a server at the new port of a
+# restarted replica (replicas bind port 0: the kernel picks a free port, no race). No SO_REUSEPORT: with it,
+# a second HAProxy could bind the frontend port another one holds and the two would share its traffic.
+TEST_CFG = "global\n    noreuseport\n    stats socket {admin} level admin\n"
 _CLASSIFY_200 = re.compile(r'^resnest_requests_total\{route="/classify",status="200"\} (\S+)$', re.MULTILINE)
 
 
@@ -41,27 +48,96 @@ def haproxy_binary() -> str:
     return path
 
 
-class HAProxy:
-    """`haproxy -db -f deploy/haproxy.cfg` with the addresses in its environment, as docker-compose passes them."""
+def free_port() -> int:
+    """A loopback port that was free an instant ago; another process may take it before it is bound again."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, replicas: list[str], log_path: Path) -> None:
-        self.port, self.stats_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "LB_BIND": f"127.0.0.1:{self.port}",
-            "LB_STATS_BIND": f"127.0.0.1:{self.stats_port}",
-            **{f"REPLICA{i}": address for i, address in enumerate(replicas, 1)},
-        }
+
+def accepts(path: Path) -> bool:
+    """Something listens on the Unix socket at `path` (probed on a socket of our own, closed either way)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+class HAProxy:
+    """`haproxy -db -f deploy/haproxy.cfg` with the addresses in its environment, as docker-compose passes them.
+
+    HAProxy cannot bind port 0, so its frontend gets a port picked just before; if another process takes it
+    meanwhile, HAProxy fails to bind and exits, and it is started again on another port. Its stats listener
+    and admin socket are Unix sockets in a private directory: nothing to race for.
+    """
+
+    def __init__(self, replicas: list[str], log_path: Path, attempts: int = 5) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="lb-"))  # short: a Unix socket path has at most 107 bytes
+        self.admin_socket = self._dir / "admin.sock"
+        self._stats_socket = stats_socket = self._dir / "stats.sock"
+        test_cfg = self._dir / "test.cfg"
+        test_cfg.write_text(TEST_CFG.format(admin=self.admin_socket))
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [haproxy_binary(), "-db", "-f", str(HAPROXY_CFG)], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        self._stats = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(stats_socket)), base_url="http://lb", timeout=5
         )
+        for _ in range(attempts):
+            self.port = free_port()
+            env = {
+                **os.environ,
+                "LB_BIND": f"127.0.0.1:{self.port}",
+                "LB_STATS_BIND": f"unix@{stats_socket}",
+                **{f"REPLICA{i}": address for i, address in enumerate(replicas, 1)},
+            }
+            command = [haproxy_binary(), "-db", "-f", str(HAPROXY_CFG), "-f", str(test_cfg)]
+            logged = self.log_path.stat().st_size
+            self.proc = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+            if self._started(logged):
+                break
+        else:
+            raise RuntimeError(f"haproxy could not bind a frontend port in {attempts} attempts:\n{self.log()}")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _started(self, logged: int) -> bool:
+        """True once this HAProxy serves; False if it exited because its frontend port had been taken."""
+        deadline = time.monotonic() + HANG_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                if "cannot bind socket" in self.log()[logged:]:
+                    return False
+                raise RuntimeError(f"haproxy exited with {self.proc.returncode}:\n{self.log()}")
+            # The stats socket answers only once every listener is bound (a failed bind ends start-up), and it
+            # is this process's own: the frontend port is then ours too.
+            if accepts(self._stats_socket):
+                self._stats.get("/stats;csv").raise_for_status()
+                if self.proc.poll() is None:
+                    return True
+            time.sleep(0.05)
+        raise TimeoutError(f"haproxy not serving after {HANG_S}s:\n{self.log()}")
+
+    def command(self, line: str) -> str:
+        """One command on the admin socket, and its answer."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.admin_socket))
+            sock.sendall(line.encode() + b"\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer.decode()
+
+    def point(self, name: str, server: ServerProcess) -> None:
+        """Send server `name`'s traffic and health checks to `server` (a restarted replica on a new port)."""
+        host, port = server.wait_listening()
+        answer = self.command(f"set server resnest/{name} addr {host} port {port}")
+        assert "changed" in answer or "no need to change" in answer, answer
 
     def stats(self) -> dict[str, dict[str, str]]:
         """Per-server rows of the stats CSV (status, stot, hrsp_2xx, wretr, wredis...), keyed by server name."""
-        text = httpx.get(f"http://127.0.0.1:{self.stats_port}/stats;csv", timeout=2).text
+        text = self._stats.get("/stats;csv").text
         rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
         return {row["svname"]: row for row in rows if row["pxname"] == "resnest"}
 
@@ -94,13 +170,23 @@ class HAProxy:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+        self._stats.close()
         self._log.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def classified(server: ServerProcess) -> int:
     """The replica's own count of successful /classify requests (from its /metrics)."""
     match = _CLASSIFY_200.search(httpx.get(f"{server.url}/metrics", timeout=5).text)
     return int(float(match.group(1))) if match else 0
+
+
+def listening(server: ServerProcess) -> bool:
+    """The replica still accepts connections and answers: its listener is open (within its drain grace)."""
+    try:
+        return httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def probe(server: ServerProcess, path: str) -> int:
@@ -119,7 +205,7 @@ def classify(client: httpx.Client, index: int = 0) -> int:
 class Cluster:
     lb: HAProxy
     replicas: list[ServerProcess]
-    restart: Callable[[int], ServerProcess]  # a fresh replica on the given port (HAProxy's config is static)
+    restart: Callable[[int], ServerProcess]  # a fresh replica in place of replicas[index], traffic pointed to it
 
     def replica_counts(self) -> dict[str, int]:
         return {name: classified(r) for name, r in zip(NAMES, self.replicas, strict=True)}
@@ -138,26 +224,18 @@ def cluster(server_factory: Callable[..., ServerProcess], tiny_onnx: Path, tmp_p
         "RESNEST_DECODE_THREADS": "1",
     }
 
-    def start(port: int) -> ServerProcess:
-        server = server_factory({**env, "RESNEST_PORT": str(port)}, wait=False)
-        server.port, server.url = port, f"http://127.0.0.1:{port}"
-        return server
-
-    ports: list[int] = []
-    while len(ports) < len(NAMES):
-        if (port := free_port()) not in ports:
-            ports.append(port)
-    replicas = [start(port) for port in ports]  # start in parallel, then wait
+    replicas = [server_factory(env, wait=False) for _ in NAMES]  # start in parallel (each on port 0), then wait
     for server in replicas:
         server.wait_ready()
-    lb = HAProxy([f"127.0.0.1:{port}" for port in ports], tmp_path / "haproxy.log")
+    # HAProxy's addresses, as compose passes them, once the replicas have reported the ports they bound.
+    lb = HAProxy(["{}:{}".format(*server.wait_listening()) for server in replicas], tmp_path / "haproxy.log")
     try:
         for name in NAMES:
-            lb.wait_status(name, "UP", timeout=15)
+            lb.wait_status(name, "UP", timeout=HANG_S)
 
-        def restart(port: int) -> ServerProcess:
-            server = start(port)
-            server.wait_ready()
+        def restart(index: int) -> ServerProcess:
+            server = server_factory(env)
+            lb.point(NAMES[index], server)  # as compose's resolvers follow a restarted container's new address
             return server
 
         yield Cluster(lb, replicas, restart)
@@ -194,9 +272,11 @@ def test_draining_replica_stops_receiving_traffic(cluster: Cluster) -> None:
     assert (probe(r1, "/readyz"), probe(r1, "/healthz")) == (0, 0)
     before_lb = cluster.lb.counts("stot")["r1"]
     r1.proc.send_signal(signal.SIGTERM)
-    marked_down = cluster.lb.wait_status("r1", "DOWN", timeout=GRACE_S)
+    marked_down = cluster.lb.wait_status("r1", "DOWN", timeout=HANG_S)
     assert r1.proc.poll() is None, "r1 stopped before HAProxy noticed the drain"
-    probes = (probe(r1, "/readyz"), probe(r1, "/healthz"))  # draining: not ready, still alive
+    # Draining: not ready, still alive. /healthz answering shows r1's listener still open, so HAProxy took r1
+    # out within its grace (whatever the machine's speed); HAProxy's retries would hide a later one.
+    probes = (probe(r1, "/readyz"), probe(r1, "/healthz"))
     before = classified(r1)  # still answering: within its grace
     with httpx.Client(base_url=cluster.lb.url, timeout=30) as client:
         statuses = Counter(classify(client, 100 + i) for i in range(30))
@@ -208,8 +288,7 @@ def test_draining_replica_stops_receiving_traffic(cluster: Cluster) -> None:
         f"r1 /classify 200s {before} -> {after}; HAProxy sessions to r1 since SIGTERM {lb_delta}; exit {code}; "
         f"probe exits (readyz, healthz) while draining {probes}"
     )
-    assert marked_down < GRACE_S
-    assert probes == (1, 0)
+    assert probes == (1, 0), "r1 must be marked DOWN while it still serves (within its grace)"
     assert statuses == {200: 30}
     assert before >= 5
     assert after is None or after == before
@@ -232,7 +311,7 @@ def test_killed_replica_is_retried_elsewhere(cluster: Cluster) -> None:
     killed_at = time.monotonic()
     down_at: list[float] = []
     watcher = threading.Thread(
-        target=lambda: down_at.append(killed_at + cluster.lb.wait_status("r2", "DOWN", timeout=10)), daemon=True
+        target=lambda: down_at.append(killed_at + cluster.lb.wait_status("r2", "DOWN", timeout=HANG_S)), daemon=True
     )
     watcher.start()
     outcomes: list[Outcome] = []
@@ -248,7 +327,7 @@ def test_killed_replica_is_retried_elsewhere(cluster: Cluster) -> None:
         while watcher.is_alive() and i < 2000:  # until HAProxy marks r2 DOWN: the window retries must cover
             send(i)
             i += 1
-        watcher.join(timeout=15)
+        watcher.join(timeout=HANG_S + 5)
         assert down_at, f"r2 never marked DOWN:\n{cluster.lb.log()[-3000:]}"
         for j in range(30):
             send(i + j)
@@ -313,21 +392,27 @@ def test_rolling_restart_under_load_loses_no_request(cluster: Cluster) -> None:
     lb = cluster.lb
     before = lb.counts("hrsp_2xx")
     steps: list[str] = []
+    at_up: dict[str, int] = {}  # each restarted replica's 2xx count when HAProxy brought it back
     deadline = time.monotonic() + 90
     with Load(lb.url) as load:
-        time.sleep(1.0)
+        # The load is on every replica before the first one goes.
+        wait_until(lambda: all(n > before[name] for name, n in lb.counts("hrsp_2xx").items()), timeout=HANG_S)
         for index, name in enumerate(NAMES):
             old = cluster.replicas[index]
             served_before = load.total()
             old.proc.send_signal(signal.SIGTERM)
-            down_s = lb.wait_status(name, "DOWN", timeout=GRACE_S)
+            down_s = lb.wait_status(name, "DOWN", timeout=HANG_S)
+            still_serving = listening(old)  # so HAProxy took it out within its grace, before its listener closed
             code = old.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            cluster.replicas[index] = cluster.restart(old.port)
-            up_s = lb.wait_status(name, "UP", timeout=15)
+            cluster.replicas[index] = cluster.restart(index)
+            up_s = lb.wait_status(name, "UP", timeout=HANG_S)
+            at_up[name] = lb.counts("hrsp_2xx")[name]
             steps.append(f"{name}: DOWN after {down_s:.2f}s, exit {code}, UP again {up_s:.2f}s after ready")
+            assert still_serving, f"{name} had closed its listener before HAProxy marked it DOWN"
             assert code == 0, old.log()[-3000:]
             assert load.total() > served_before, "the load generator stalled"
-        time.sleep(1.0)
+        # Traffic returns to every restarted replica.
+        wait_until(lambda: all(n > at_up[name] for name, n in lb.counts("hrsp_2xx").items()), timeout=HANG_S)
     served = {name: n - before[name] for name, n in lb.counts("hrsp_2xx").items()}
     print("\nrolling restart:\n  " + "\n  ".join(steps))
     print(f"  {load.total()} requests by {load.clients} clients, statuses {dict(load.statuses)}, per replica {served}")

@@ -13,8 +13,9 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
+from statistics import median
 
 import httpx
 import numpy as np
@@ -25,7 +26,7 @@ from service.app import create_app
 from service.postprocess import softmax
 from service.preprocess import preprocess
 from service.settings import Settings
-from tests.conftest import RawAnswer, app_client, parse_answer, run, send_raw
+from tests.conftest import RawAnswer, app_client, parse_answer, run, send_raw, until
 from tests.fakes import FakeModel, fake_outputs
 
 BOUNDARY = "faults-b0undary"
@@ -78,14 +79,6 @@ def settings(**overrides: object) -> Settings:
     return Settings(**{"model_path": "unused.onnx", "max_batch_size": 4, **overrides})  # type: ignore[arg-type]
 
 
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll the event loop until `condition` holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
-
-
 # --- overload ----------------------------------------------------------------------------------------------------
 
 
@@ -117,7 +110,7 @@ def test_flood_against_a_real_server_gets_fast_429s_and_loses_nothing(server_fac
             return await send_raw(server.port, request)
 
         tasks = [asyncio.ensure_future(one()) for _ in range(n)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one loop turn: every task is parked on `go`, so they all start together
         started = time.perf_counter()
         go.set()
         answers = await asyncio.gather(*tasks)
@@ -157,7 +150,13 @@ def test_flood_against_a_real_server_gets_fast_429s_and_loses_nothing(server_fac
             np.testing.assert_allclose(
                 [p["score"] for p in g["predictions"]], [p["score"] for p in w["predictions"]], rtol=1e-4
             )
-    assert pct([a.seconds for a in refused], 99) < 0.5, "refusals must be fast"
+    # Against the served requests of the same flood, not in seconds: they share the CPU and the loopback with
+    # the refusals, whatever the machine. Every client writes its whole upload before reading, so a refusal
+    # lands when its upload has been taken in, spread over the flood; a served request after that is decoded
+    # and inferred too. A refusal that waited for decoding, the queue or the model would be as late or later.
+    refused_s, served_s = [a.seconds for a in refused], [a.seconds for a in served]
+    assert pct(refused_s, 50) < pct(served_s, 50), "refusals must be faster than served requests"
+    assert pct(refused_s, 99) < pct(served_s, 99), "even the slowest refusals must beat the slowest served requests"
     assert metric(text, "resnest_queue_depth") == 0
     assert metric(text, "resnest_inflight_requests") == 1  # the scrape itself
     assert httpx.get(f"{server.url}/readyz").status_code == 200
@@ -168,7 +167,7 @@ def test_flood_against_a_real_server_gets_fast_429s_and_loses_nothing(server_fac
 def test_flood_in_process_refusals_are_far_faster_than_served_requests() -> None:
     # A slow model (0.1 s a batch, plus FakeModel's own matrix work) makes the comparison meaningful:
     # a refusal must not wait for inference, nor for the decoding of images it will not serve. Client and app
-    # share one event loop here, so absolute latencies are the client's too: the 0.5 s bound is for the server.
+    # share one event loop here, so absolute latencies are the client's too: only the comparison means anything.
     model = FakeModel(delay=0.1)
     app = create_app(settings(max_queue_size=8, max_images_per_request=4, max_batch_size=4), model=model)
     body = multipart([photo(3), photo(4)])
@@ -272,11 +271,22 @@ def test_stuck_inference_answers_504_then_readiness_recovers() -> None:
     model = FakeModel()
     model.gate = threading.Event()
     model.gate.set()
-    app = create_app(settings(request_timeout_s=0.5), model=model)
+    timeout = 0.5
+    app = create_app(settings(request_timeout_s=timeout), model=model)
     state = app.state.service
 
     async def main() -> None:
         async with app_client(app) as client:
+            # What one request costs here when the model answers (the median: the first one pays for warm caches):
+            # the yardstick for how late after its deadline the 504 may come.
+            served_s = []
+            for seed in range(5):
+                started = time.perf_counter()
+                r = await client.post(
+                    "/classify", content=multipart([photo(seed)]), headers={"content-type": MULTIPART}
+                )
+                served_s.append(time.perf_counter() - started)
+                assert r.status_code == 200
             model.gate.clear()
             started = time.perf_counter()
             stuck = asyncio.ensure_future(
@@ -290,14 +300,17 @@ def test_stuck_inference_answers_504_then_readiness_recovers() -> None:
             assert (r.status_code, r.json()["error"]["code"]) == (504, "deadline_exceeded")
             r = await second
             assert (r.status_code, r.json()["error"]["code"]) == (504, "deadline_exceeded")
-            await until(lambda: state.batcher.stalled_for() > 0.55)
+            await until(lambda: state.batcher.stalled_for() > timeout + 0.05)
             ready = await client.get("/readyz")
             health = await client.get("/healthz")
             print(
-                f"\nstuck model: 504 after {first_s * 1e3:.0f} ms (deadline 500 ms); readyz {ready.status_code} "
-                f"{ready.json()['reasons']}; healthz {health.status_code}"
+                f"\nstuck model: 504 after {first_s * 1e3:.0f} ms (deadline {timeout * 1e3:.0f} ms, a served request "
+                f"{median(served_s) * 1e3:.1f} ms); readyz {ready.status_code} {ready.json()['reasons']}; "
+                f"healthz {health.status_code}"
             )
-            assert 0.45 <= first_s < 1.5
+            # Not before the deadline; after it, within a few times what handling a request costs (a 504 that
+            # waited for the model, or for the deadline twice, would be late by about the deadline again).
+            assert timeout <= first_s < timeout + 10 * median(served_s), (first_s, served_s)
             assert ready.status_code == 503 and "inference stalled" in ready.json()["reasons"]
             assert health.status_code == 200, "a stall is not death: the process must not be restarted for it"
             model.gate.set()
@@ -327,12 +340,19 @@ def test_a_dead_batch_worker_makes_the_service_unready_and_answers_503_at_once()
 
     async def main() -> None:
         async with app_client(app) as client:
-            model.gate.clear()
-            model.fail = die
 
             def post(seed: int) -> Awaitable[httpx.Response]:
                 return client.post("/classify", content=multipart([photo(seed)]), headers={"content-type": MULTIPART})
 
+            # What a served request costs here (the median: the first one pays for warm caches): a 503 must come
+            # back in about that, not after a deadline.
+            served_s = []
+            for seed in range(5):
+                started = time.perf_counter()
+                assert (await post(20 + seed)).status_code == 200
+                served_s.append(time.perf_counter() - started)
+            model.gate.clear()
+            model.fail = die
             dying = asyncio.ensure_future(post(1))
             await until(lambda: state.batcher.stalled_for() > 0)
             queued = asyncio.ensure_future(post(2))
@@ -353,10 +373,12 @@ def test_a_dead_batch_worker_makes_the_service_unready_and_answers_503_at_once()
                 assert (r.status_code, r.json()["error"]["code"]) == (503, "not_ready")
                 assert "Traceback" not in r.text
             print(
-                f"\ndead worker: readyz {ready.json()['reasons']}, healthz 503; "
-                f"inference answered 503 in at most {max(times) * 1e3:.0f} ms"
+                f"\ndead worker: readyz {ready.json()['reasons']}, healthz 503; inference answered 503 in at most "
+                f"{max(times) * 1e3:.0f} ms (a served request took {median(served_s) * 1e3:.0f} ms)"
             )
-            assert max(times) < 0.5
+            # A 503 does no more than a served request (it may decode, it cannot infer); the request deadline
+            # (30 s) is what a client would wait if the dead worker were not noticed.
+            assert max(times) < 20 * median(served_s), (times, served_s)
             assert (await client.get("/metrics")).status_code == 200
 
     run(main())
@@ -501,8 +523,10 @@ def test_sigterm_with_large_multi_image_requests_in_flight_completes_every_accep
     spans: list[tuple[float, float, str]] = []  # (start, end, outcome), relative to SIGTERM
     term_at: list[float] = []
 
-    async def loop(client: httpx.AsyncClient, stop: float) -> None:
-        while time.monotonic() < stop:
+    async def loop(client: httpx.AsyncClient, hang_guard: float) -> None:
+        # Until this client finds the listener closed: then it has seen all there is to see.
+        outcome = ""
+        while outcome != "refused" and time.monotonic() < hang_guard:
             started = time.monotonic()
             try:
                 r = await client.post("/classify", content=body, headers={"content-type": MULTIPART})
@@ -511,7 +535,6 @@ def test_sigterm_with_large_multi_image_requests_in_flight_completes_every_accep
                     assert len(r.json()["results"]) == 16
             except httpx.ConnectError:
                 outcome = "refused"
-                await asyncio.sleep(0.05)
             except httpx.TransportError as exc:
                 outcome = f"lost: {type(exc).__name__}"
             zero = term_at[0] if term_at else float("inf")
@@ -520,18 +543,19 @@ def test_sigterm_with_large_multi_image_requests_in_flight_completes_every_accep
     async def main() -> None:
         limits = httpx.Limits(max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
-            stop = time.monotonic() + 0.6 + grace + 2.0
-            loops = [asyncio.ensure_future(loop(client, stop)) for _ in range(4)]
-            await asyncio.sleep(0.6)
-            server.proc.send_signal(signal.SIGTERM)
+            loops = [asyncio.ensure_future(loop(client, time.monotonic() + 120)) for _ in range(4)]
+            await until(lambda: len(spans) >= 4, timeout=60)  # the load is on: requests are being served
+            # Taken before the signal: the server's grace starts after this instant, so it ends after zero + grace.
             term_at.append(time.monotonic())
+            server.proc.send_signal(signal.SIGTERM)
             await asyncio.gather(*loops)
 
     run(main())
     code = server.proc.wait(timeout=30)
     outcomes = Counter(o for _, _, o in spans)
     refused = [s for s, _, o in spans if o == "refused"]
-    closes_at = min(refused, default=float("nan"))
+    closes_at = min(refused, default=float("nan"))  # the first refused attempt began about when the close came
+    first_refusal_seen = min((e for _, e, o in spans if o == "refused"), default=float("nan"))
     straddling = [o for s, e, o in spans if o == "200" and s < closes_at < e]
     lost = [(round(s, 3), round(e, 3), o) for s, e, o in spans if o.startswith("lost")]
     # uvicorn's shutdown closes connections whose request it has not parsed yet: a client that ignores /readyz
@@ -546,7 +570,8 @@ def test_sigterm_with_large_multi_image_requests_in_flight_completes_every_accep
     assert code == 0
     assert all(o in ("200", "refused") or o.startswith("lost") for o in outcomes), f"a request failed: {outcomes}"
     assert len(raced) == len(lost), f"an accepted request was lost: {lost}"
-    assert refused and closes_at >= grace - 0.1
+    # A refusal is seen after the listener closed, and that is no earlier than `grace` after the signal.
+    assert len(refused) == 4 and first_refusal_seen >= grace, (refused, first_refusal_seen)
     assert straddling, "requests must have been in flight when the listener closed"
     assert "Traceback" not in server.log()
 

@@ -17,10 +17,10 @@ import onnxruntime as ort
 import psutil
 import pytest
 
-from service.model_card import ModelCard
+from modelcard import ModelCard
 from service.postprocess import softmax
 from service.preprocess import preprocess
-from tests.conftest import ROOT, jpeg, run
+from tests.conftest import ROOT, jpeg, run, until
 
 
 def metric(text: str, name: str) -> float:
@@ -78,29 +78,34 @@ def test_sigterm_drains_then_exits_zero_without_losing_accepted_requests(server_
     after_term: Counter[str] = Counter()
     term_at: list[float] = []
     refused_after: list[float] = []  # seconds after SIGTERM at which connections were refused
+    served_s: list[float] = []  # how long each request served before SIGTERM took
 
-    async def client_loop(client: httpx.AsyncClient, stop: float) -> None:
-        while time.monotonic() < stop:
+    async def client_loop(client: httpx.AsyncClient, hang_guard: float) -> None:
+        # Until the listener is gone (a connection error after SIGTERM): then this client has seen it all.
+        while time.monotonic() < hang_guard:
+            started = time.monotonic()
             try:
                 r = await client.post("/classify", files={"images": ("a.jpg", jpeg(), "image/jpeg")})
                 key = str(r.status_code)
             except httpx.TransportError:
                 key = "connection error"
-                if term_at:
-                    refused_after.append(time.monotonic() - term_at[0])
-                await asyncio.sleep(0.05)
             outcomes[key] += 1
             if term_at:
                 after_term[key] += 1
+            elif key == "200":
+                served_s.append(time.monotonic() - started)
+            if key == "connection error" and term_at:
+                refused_after.append(time.monotonic() - term_at[0])
+                return
 
     async def main() -> tuple[int, float]:
         limits = httpx.Limits(max_keepalive_connections=0)  # a new connection per request, as new clients do
         async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
-            stop = time.monotonic() + grace + 3.0
-            loops = [asyncio.ensure_future(client_loop(client, stop)) for _ in range(4)]
-            await asyncio.sleep(0.5)
-            server.proc.send_signal(signal.SIGTERM)
+            loops = [asyncio.ensure_future(client_loop(client, time.monotonic() + 120)) for _ in range(4)]
+            await until(lambda: len(served_s) >= 8, timeout=60)  # the load is on: requests are being served
+            # Taken before the signal: the server's grace starts after this instant, so it ends after zero + grace.
             term_at.append(time.monotonic())
+            server.proc.send_signal(signal.SIGTERM)
             ready = (await client.get("/readyz")).status_code
             ready_after = time.monotonic() - term_at[0]
             await asyncio.gather(*loops)
@@ -108,13 +113,17 @@ def test_sigterm_drains_then_exits_zero_without_losing_accepted_requests(server_
 
     ready_status, ready_after = run(main())
     code = server.proc.wait(timeout=30)
-    print(f"\nSIGTERM: /readyz {ready_status} after {ready_after * 1000:.0f} ms; outcomes {dict(outcomes)}; "
-          f"after SIGTERM {dict(after_term)}; exit code {code}")  # fmt: skip
-    assert ready_status == 503 and ready_after < 0.5
+    print(f"\nSIGTERM: /readyz {ready_status} after {ready_after * 1000:.0f} ms (a /classify before it took at most "
+          f"{max(served_s) * 1000:.0f} ms); outcomes {dict(outcomes)}; after SIGTERM {dict(after_term)}; "
+          f"exit code {code}")  # fmt: skip
+    # The very first probe after the signal sees the drain, and it is answered no slower than a classification
+    # under the same load: readiness is flipped in the signal handler, not when in-flight work is done.
+    assert ready_status == 503 and ready_after < max(served_s), (ready_after, served_s)
     assert code == 0
     assert after_term["200"] > 0, "requests must still be served during the grace period"
     assert set(outcomes) <= {"200", "connection error"}, "no accepted request may fail"
-    assert not refused_after or min(refused_after) >= grace - 0.1, "the listener must stay open for the whole grace"
+    # Refusals are seen only after the listener closed, which must not be before `grace` after the signal.
+    assert len(refused_after) == 4 and min(refused_after) >= grace, "the listener must stay open for the whole grace"
     assert "Traceback" not in server.log()
 
 
@@ -123,7 +132,7 @@ def test_cpu_fallback_is_real_and_reported(server_factory, tiny_onnx: Path) -> N
     info = httpx.get(f"{server.url}/model").json()
     assert info["providers"] == ["CPUExecutionProvider"]
     assert 'provider="CPUExecutionProvider"' in httpx.get(f"{server.url}/metrics").text
-    assert "CUDA EP requested but not active" in server.log()
+    assert "serving on CPU" in server.log()
     r = httpx.post(f"{server.url}/classify", files={"images": ("a.jpg", jpeg(), "image/jpeg")}, timeout=30)
     assert r.status_code == 200
 
