@@ -173,6 +173,7 @@ def test_page_shows_what_the_api_answers(server_factory, tiny_onnx: Path, browse
 
     # The model card, and the random-weights warning where it applies (it does: the tiny model is seeded).
     info = httpx.get(f"{server.url}/model").json()
+    wait_for(browser, lambda d: d.find_element("id", "model-card").get_attribute("data-model") == info["name"])
     card = {
         dd.get_attribute("data-field"): dd.text
         for dd in browser.find_elements("css selector", "#model-card dd[data-field]")
@@ -185,6 +186,14 @@ def test_page_shows_what_the_api_answers(server_factory, tiny_onnx: Path, browse
     warning = browser.find_element("id", "warning")
     assert warning.is_displayed() and info["warning"] in warning.text
     assert warning.get_attribute("role") == "alert"
+    # One model in one version: nothing to choose, so no picker (and no model parameter on the requests).
+    assert info["models"] == [info["name"]] and info["versions"] == [info["version"]]
+    assert not browser.find_element("id", "model-picker").is_displayed()
+    assert not browser.find_element("id", "model-select").is_displayed()
+    assert not browser.find_element("id", "version-select").is_displayed()
+    assert card["name"] == f"{info['name']}, version {info['version']}"
+    sent = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert not any("model=" in url for url in sent)
 
     # Nothing from another origin, no console error (a CSP violation would be one).
     origins = browser.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
@@ -316,6 +325,19 @@ canvas.toBlob((blob) => {
 """
 
 
+def assert_labelled(driver: Any) -> None:
+    """Every control has a label, and each one shown an accessible name (what a screen reader announces); a
+    hidden one (the model picker of a one-model server) is outside the accessibility tree, so has none yet."""
+    controls = driver.find_elements("css selector", "input, button, select, textarea")
+    assert controls
+    for control in controls:
+        name = control.get_attribute("id")
+        if control.tag_name in ("input", "select"):
+            assert driver.execute_script("return arguments[0].labels.length", control) >= 1, f"#{name} has no <label>"
+        if control.is_displayed():
+            assert control.accessible_name.strip(), f"#{name} has no accessible name"
+
+
 def test_page_is_keyboard_operable_labelled_and_served_safely(
     server_factory, tiny_onnx: Path, browser: Any, tmp_path
 ) -> None:
@@ -325,14 +347,7 @@ def test_page_is_keyboard_operable_labelled_and_served_safely(
     server = server_factory({"RESNEST_MODEL_PATH": str(tiny_onnx)})
     open_page(browser, server.url)
 
-    # Every control has a label, and so an accessible name (what a screen reader announces).
-    controls = browser.find_elements("css selector", "input, button, select, textarea")
-    assert controls
-    for control in controls:
-        name = control.get_attribute("id")
-        assert control.accessible_name.strip(), f"#{name} has no accessible name"
-        if control.tag_name == "input":
-            assert browser.execute_script("return arguments[0].labels.length", control) >= 1, f"#{name} has no <label>"
+    assert_labelled(browser)
     assert browser.find_element("id", "files").get_attribute("aria-describedby") == "files-hint"
 
     # The file picker is reached with Tab, and focus is visible on it.
@@ -392,3 +407,192 @@ def test_browser_target_installs_what_the_test_drives() -> None:
     test_line = next(line for line in makefile.splitlines() if line.startswith("test:"))
     assert "browser" in test_line.split()
     assert shutil.which("chromium") or not os.environ.get("CI"), "CI must have chromium"
+
+
+# ---- several models ------------------------------------------------------------------------------------
+
+REPOSITORY_KEY = "repository-page-key"
+
+
+def export_cli(out: Path, *flags: str) -> Path:
+    """One export through the CLI's own entry point (`python -m export ...`), in this process."""
+    from export.cli import main
+
+    assert main(["--variant", "resnest14d", "--input-size", "32", "--skip-naive", "--output", str(out), *flags]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_repository(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Triton's layout, three models: tiny (the 1000-class model at 64 px) in versions 1 and 2, all served;
+    digits (10 generic classes at 32 px); backbone (headless at 32 px: embeddings only)."""
+    root = tmp_path_factory.mktemp("repository")
+    for version in (1, 2):
+        (root / "tiny" / str(version)).mkdir(parents=True)
+        shutil.copy(tiny_onnx, root / "tiny" / str(version) / "model.onnx")
+    (root / "tiny" / "config.pbtxt").write_text('name: "tiny"\nversion_policy: { all { } }\n')
+    (root / "digits" / "1").mkdir(parents=True)
+    export_cli(root / "digits" / "1" / "model.onnx", "--num-classes", "10")
+    (root / "backbone" / "1").mkdir(parents=True)
+    export_cli(root / "backbone" / "1" / "model.onnx", "--num-classes", "0")
+    return root
+
+
+def keyed() -> dict[str, str]:
+    return {"authorization": f"Bearer {REPOSITORY_KEY}"}
+
+
+def shown_predictions(driver: Any) -> list[list[tuple[str, float]]]:
+    """(label, score) of each image's rendered class bars, in page order."""
+    return [
+        [(r.find_element("class name", "label").text, float(r.get_attribute("data-score")))
+         for r in card.find_elements("css selector", "li.prediction")]
+        for card in driver.find_elements("css selector", "#results > li.result")
+    ]  # fmt: skip
+
+
+def assert_matches_classify(driver: Any, url: str, paths: list[Path], params: dict[str, Any]) -> list[list[str]]:
+    """The page shows what POST /classify answers for the same files and parameters; returns the labels."""
+    expected = httpx.post(f"{url}/classify", params=params, files=files_for(paths), headers=keyed(), timeout=60)
+    assert expected.status_code == 200, expected.text
+    answer = expected.json()
+    section = driver.find_element("id", "results-section")
+    assert (section.get_attribute("data-model"), section.get_attribute("data-version")) == (
+        answer["model_name"],
+        str(answer["model_version"]),
+    )
+    shown = shown_predictions(driver)
+    assert len(shown) == len(answer["results"]) == len(paths)
+    for rows, result in zip(shown, answer["results"], strict=True):
+        assert [label for label, _ in rows] == [p["label"] for p in result["predictions"]]
+        assert [score for _, score in rows] == pytest.approx([p["score"] for p in result["predictions"]], rel=1e-5)
+    assert not driver.find_element("id", "error").is_displayed(), driver.find_element("id", "error").text
+    return [[label for label, _ in rows] for rows in shown]
+
+
+def card_fields(driver: Any) -> dict[str, str]:
+    return {
+        dd.get_attribute("data-field"): dd.text
+        for dd in driver.find_elements("css selector", "#model-card dd[data-field]")
+    }
+
+
+def pick(driver: Any, select_id: str, value: str) -> None:
+    """Choose an option of a picker and wait for the page to have run the images against that choice."""
+    from selenium.webdriver.support.ui import Select
+
+    before = runs(driver)
+    Select(driver.find_element("id", select_id)).select_by_value(value)
+    wait_for(
+        driver, lambda d: runs(d) > before and d.find_element("tag name", "body").get_attribute("data-state") == "idle"
+    )
+
+
+def options(driver: Any, select_id: str) -> list[str]:
+    from selenium.webdriver.support.ui import Select
+
+    return [o.get_attribute("value") for o in Select(driver.find_element("id", select_id)).options]
+
+
+def test_page_picks_among_the_served_models(
+    server_factory, model_repository: Path, browser: Any, photo_files: list[Path]
+) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    server = server_factory({"RESNEST_MODEL_REPOSITORY": str(model_repository), "RESNEST_API_KEY": REPOSITORY_KEY})
+    url = server.url
+    # Several models, none named: /model asks for one; the index (behind the key too) lists them.
+    ambiguous = httpx.get(f"{url}/model", headers=keyed())
+    assert (ambiguous.status_code, ambiguous.json()["error"]["code"]) == (422, "invalid_parameter")
+    index = httpx.post(f"{url}/v2/repository/index", json={"ready": True}, headers=keyed()).json()
+    served = sorted({row["name"] for row in index if row["state"] == "READY"})
+    assert served == ["backbone", "digits", "tiny"]
+    cards = {name: httpx.get(f"{url}/model", params={"model": name}, headers=keyed()).json() for name in served}
+
+    # Without the key the page can list nothing; with it (typed, then Tab: the change event) the picker appears.
+    open_page(browser, url)
+    wait_for(browser, lambda d: "API key" in d.find_element("id", "model-status").text)
+    assert not browser.find_element("id", "model-picker").is_displayed()
+    browser.find_element("id", "api-key").send_keys(REPOSITORY_KEY, Keys.TAB)
+    wait_for(browser, lambda d: d.find_element("id", "model-picker").is_displayed())
+    # The console shows only the expected answers: /model's 401 without the key, its 422 with it.
+    expected = {f"{url}/model - Failed to load resource: the server responded with a status of {status}"
+                for status in ("401 (Unauthorized)", "422 (Unprocessable Entity)")}  # fmt: skip
+    assert set(browser_errors(browser)) <= expected
+    picker = browser.find_element("id", "model-select")
+    assert options(browser, "model-select") == served
+    assert picker.accessible_name == "Model" and picker.get_attribute("value") == served[0]
+    assert browser.execute_script("return arguments[0].labels.length", picker) == 1
+    assert_labelled(browser)
+
+    # The first served model is chosen: backbone, headless. Its images get embeddings and similarity, and a
+    # note instead of class bars; no error, and "Classes per image" is off.
+    assert card_fields(browser)["classes"].startswith("none")
+    assert not browser.find_element("id", "version-select").is_displayed(), "backbone has one version"
+    assert not browser.find_element("id", "top-k").is_enabled()
+    assert browser.find_element("id", "run").text == "Embed again"
+    upload(browser, photo_files)
+    assert not browser.find_element("id", "error").is_displayed(), browser.find_element("id", "error").text
+    assert browser.find_element("id", "headless-note").is_displayed()
+    assert browser.find_elements("css selector", "#results li.prediction") == []
+    dims = [e.get_attribute("data-dim") for e in browser.find_elements("css selector", "#results .embedding-note")]
+    assert dims == [str(cards["backbone"]["embedding_dim"])] * len(photo_files)
+    embedded = httpx.post(
+        f"{url}/embed",
+        params={"model": "backbone", "normalize": "true"},
+        files=files_for(photo_files),
+        headers=keyed(),
+        timeout=60,
+    ).json()
+    vectors = np.array([r["embedding"] for r in embedded["results"]], dtype=np.float64)
+    cell = browser.find_element("css selector", '#similarity td[data-i="0"][data-j="1"]')
+    assert float(cell.get_attribute("data-value")) == pytest.approx(float(vectors[0] @ vectors[1]), abs=1e-5)
+
+    # By keyboard: the next model is one arrow key away, and picking it reruns the images against it.
+    before = runs(browser)
+    picker.send_keys(Keys.ARROW_DOWN)
+    wait_for(
+        browser,
+        lambda d: runs(d) > before and d.find_element("id", "results-section").get_attribute("data-model") == "digits",
+    )
+    assert browser.switch_to.active_element == picker
+    assert card_fields(browser)["classes"] == str(cards["digits"]["num_classes"]) == "10"
+    assert browser.find_element("id", "warning").is_displayed()
+    assert cards["digits"]["warning"] in browser.find_element("id", "warning").text
+    assert not browser.find_element("id", "headless-note").is_displayed()
+    digits_labels = assert_matches_classify(browser, url, photo_files, {"model": "digits", "top_k": 5})
+    assert all(label.startswith("class_") for labels in digits_labels for label in labels)
+
+    # Another model: its own labels, its class count; tiny has two versions, so the version picker appears.
+    pick(browser, "model-select", "tiny")
+    assert card_fields(browser)["classes"] == str(cards["tiny"]["num_classes"]) == "1000"
+    tiny_labels = assert_matches_classify(browser, url, photo_files, {"model": "tiny", "top_k": 5})
+    assert tiny_labels != digits_labels
+    assert not any(label.startswith("class_") for labels in tiny_labels for label in labels)
+    versions = browser.find_element("id", "version-select")
+    assert versions.is_displayed() and versions.accessible_name == "Version"
+    assert options(browser, "version-select") == ["1", "2"] and versions.get_attribute("value") == "2"
+    assert_labelled(browser)
+    assert browser.find_element("id", "model-card").get_attribute("data-version") == "2"
+
+    # The older version: its card and its answers.
+    pick(browser, "version-select", "1")
+    assert browser.find_element("id", "model-card").get_attribute("data-version") == "1"
+    assert card_fields(browser)["name"] == "tiny, version 1"
+    assert (
+        assert_matches_classify(browser, url, photo_files, {"model": "tiny", "version": 1, "top_k": 5}) == tiny_labels
+    )
+
+    # "Classes per image" follows the model's limit: 50 is fine for tiny, more than digits' 10 classes.
+    top_k = browser.find_element("id", "top-k")
+    assert top_k.get_attribute("max") == str(cards["tiny"]["top_k"]["max"])
+    top_k.clear()
+    top_k.send_keys("50")
+    pick(browser, "model-select", "digits")
+    assert (top_k.get_attribute("value"), top_k.get_attribute("max")) == ("10", "10")
+    assert top_k.accessible_name == "Classes per image (1 to 10)"
+    assert browser.find_element("id", "run").text == "Classify again"
+    assert not browser.find_element("id", "version-select").is_displayed()
+    labels = assert_matches_classify(browser, url, photo_files, {"model": "digits", "top_k": 10})
+    assert all(len(row) == 10 for row in labels)
+    assert browser_errors(browser) == []

@@ -9,15 +9,26 @@ const state = {
   files: [],
   previews: [],
   busy: false,
+  again: false, // a run was asked for while one was in flight: run once more when it ends
   runs: 0, // finished runs, on <body data-runs>: tests and scripts wait on it
+  // Which model requests are for: "" leaves it to the server (its only or default model, the latest version).
+  model: "",
+  version: "",
+  card: null, // the model card of the current choice, once loaded
+  cardLoads: 0, // model cards asked for: only the latest one's answer is shown
 };
 
 // ---- the API -------------------------------------------------------------------------------------------
 
-// Every call goes through here: one place for the key, the query and (later) the model a request is for.
-// A model picker would add its choice to `params` in `apiParams()`; nothing else needs to change.
-function apiParams(extra = {}) {
-  return { ...extra };
+// Every call goes through here: one place for the key, the query and the model a request is for.
+// The model picker's choice goes into every request's query; `scoped: false` leaves it out (the model index).
+function apiParams(extra = {}, scoped = true) {
+  const chosen = {};
+  if (scoped && state.model) {
+    chosen.model = state.model;
+    if (state.version) chosen.version = state.version;
+  }
+  return { ...chosen, ...extra };
 }
 
 class ApiError extends Error {
@@ -27,11 +38,15 @@ class ApiError extends Error {
   }
 }
 
-async function api(path, { method = "GET", params = {}, body } = {}) {
-  const query = new URLSearchParams(apiParams(params)).toString();
+async function api(path, { method = "GET", params = {}, body, json, scoped = true } = {}) {
+  const query = new URLSearchParams(apiParams(params, scoped)).toString();
   // Relative URLs: the page works behind a proxy that serves it under a path prefix.
   const url = query ? `${path}?${query}` : path;
   const headers = { Accept: "application/json" };
+  if (json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(json);
+  }
   if (state.apiKey) headers.Authorization = `Bearer ${state.apiKey}`;
   const started = performance.now();
   let response;
@@ -137,35 +152,148 @@ function setField(name, value) {
   else dd.replaceChildren(value);
 }
 
+const LABEL_SOURCES = {
+  imagenet: "ImageNet's (bundled)",
+  file: "from a labels file",
+  generic: "generic: nobody named the classes",
+  none: "none (headless)",
+};
+
+// The models the server serves, from the Open Inference Protocol's index (READY versions only). It sits behind
+// the API key like every other call; it is asked only when the server needs a model named and none is.
+async function servedModels() {
+  const { data } = await api("v2/repository/index", { method: "POST", json: { ready: true }, scoped: false });
+  const ready = (Array.isArray(data) ? data : []).filter((row) => row.state === "READY" && row.name);
+  return [...new Set(ready.map((row) => row.name))].sort();
+}
+
+// GET /model for the current choice. A server that serves several models and was told none answers 422: then
+// the index says which there are and the first is chosen. A chosen model or version that has gone since
+// (404) falls back to the server's default once.
+async function fetchCard() {
+  try {
+    return (await api("model")).data;
+  } catch (err) {
+    if (!(err instanceof ApiError)) throw err;
+    if (err.status === 422 && err.code === "invalid_parameter" && !state.model) {
+      const names = await servedModels();
+      if (names.length === 0) throw err;
+      state.model = names[0];
+      state.version = "";
+      return (await api("model")).data;
+    }
+    if (err.status === 404 && err.code === "model_not_found" && state.model) {
+      state.model = "";
+      state.version = "";
+      return fetchCard();
+    }
+    throw err;
+  }
+}
+
+function renderCard(data) {
+  const headless = data.top_k === null || data.top_k === undefined;
+  const card = $("model-card");
+  card.dataset.model = data.name;
+  card.dataset.version = String(data.version);
+  card.dataset.headless = String(headless);
+  setField("name", `${data.name}, version ${data.version}`);
+  setField("variant", data.variant);
+  setField("classes", headless ? "none: a headless backbone (embeddings only)" : String(data.num_classes));
+  setField("labels", LABEL_SOURCES[data.labels_source] || data.labels_source || "–");
+  setField("precision", data.precision);
+  setField("providers", data.providers.join(", "));
+  setField("input", `${data.input_size}×${data.input_size}, embedding ${data.embedding_dim}`);
+  const weights = data.weights || {};
+  const digest = weights.sha256 || "?";
+  const from = weights.source && weights.source !== digest ? ` from ${weights.source}` : "";
+  const seed = weights.seed !== undefined ? ` (seed ${weights.seed})` : "";
+  setField("weights", el("span", {}, el("code", { text: digest.slice(0, 16), title: digest }), from + seed));
+  const warning = $("warning");
+  if (data.warning) {
+    warning.replaceChildren(el("strong", { text: "Not a trained model. " }), data.warning);
+    warning.hidden = false;
+  } else {
+    warning.hidden = true;
+  }
+  renderTopK(data.top_k);
+}
+
+// "Classes per image" follows the model: its limit is the card's top_k.max; a headless model has no classes.
+function renderTopK(limits) {
+  const input = $("top-k");
+  const hint = $("top-k-hint");
+  if (!limits) {
+    input.disabled = true;
+    input.removeAttribute("max");
+    hint.textContent = "(none: this model has no classifier)";
+    $("run").textContent = "Embed again";
+    return;
+  }
+  input.disabled = false;
+  input.max = String(limits.max);
+  const asked = Number(input.value);
+  if (input.value.trim() && Number.isFinite(asked) && asked > limits.max) input.value = String(limits.max);
+  hint.textContent = `(1 to ${limits.max})`;
+  $("run").textContent = "Classify again";
+}
+
+// Replace a <select>'s options only when they changed: rebuilding them under a keyboard user's focus would
+// be a needless jolt for a screen reader.
+function setOptions(select, options, selected) {
+  const same =
+    select.options.length === options.length &&
+    options.every(([value, text], i) => select.options[i].value === value && select.options[i].text === text);
+  if (!same) select.replaceChildren(...options.map(([value, text]) => el("option", { value, text })));
+  select.value = selected;
+}
+
+// The pickers show only where there is a choice: several models, or several versions of the chosen one.
+function renderPicker(data) {
+  const models = Array.isArray(data.models) && data.models.length ? data.models : [data.name];
+  const versions = Array.isArray(data.versions) && data.versions.length ? data.versions : [data.version];
+  const latest = Math.max(...versions);
+  setOptions($("model-select"), models.map((name) => [name, name]), data.name);
+  setOptions(
+    $("version-select"),
+    versions.map((v) => [String(v), v === latest ? `${v} (latest)` : String(v)]),
+    String(data.version),
+  );
+  $("model-field").hidden = models.length < 2;
+  $("version-field").hidden = versions.length < 2;
+  $("model-picker").hidden = models.length < 2 && versions.length < 2;
+}
+
+// Load the model card of the current choice; true once it is shown (false: failed, or a later choice won).
 async function loadModel() {
+  const ticket = ++state.cardLoads;
   const note = $("model-status");
   try {
-    const { data } = await api("model");
-    setField("variant", data.variant);
-    setField("classes", String(data.num_classes));
-    setField("precision", data.precision);
-    setField("providers", data.providers.join(", "));
-    setField("input", `${data.input_size}×${data.input_size}, embedding ${data.embedding_dim}`);
-    const weights = data.weights || {};
-    const digest = weights.sha256 || "?";
-    const from = weights.source && weights.source !== digest ? ` from ${weights.source}` : "";
-    const seed = weights.seed !== undefined ? ` (seed ${weights.seed})` : "";
-    setField("weights", el("span", {}, el("code", { text: digest.slice(0, 16), title: digest }), from + seed));
+    const data = await fetchCard();
+    if (ticket !== state.cardLoads) return false;
+    state.card = data;
+    renderCard(data);
+    renderPicker(data);
     note.textContent = "";
-    const warning = $("warning");
-    if (data.warning) {
-      warning.replaceChildren(el("strong", { text: "Not a trained model. " }), data.warning);
-      warning.hidden = false;
-    } else {
-      warning.hidden = true;
-    }
+    return true;
   } catch (err) {
+    if (!(err instanceof ApiError)) throw err;
+    if (ticket !== state.cardLoads) return false;
     if (err.status === 401) note.textContent = "The server needs an API key to show its model: type it above.";
     else if (err.status === 503) {
       note.textContent = `${err.message}; trying again shortly.`;
       setTimeout(loadModel, 1000 * (Number(err.retryAfter) || 2));
     } else note.textContent = `The model card could not be loaded: ${err.message}`;
+    return false;
   }
+}
+
+// A new choice: its model card, then the current images again, against it.
+async function choose(model, version) {
+  state.model = model;
+  state.version = version;
+  $("model-status").textContent = `Loading the model card of ${model}${version ? `, version ${version}` : ""}…`;
+  if ((await loadModel()) && state.files.length > 0) run();
 }
 
 // ---- classification ------------------------------------------------------------------------------------
@@ -177,10 +305,32 @@ function setFiles(files) {
   $("run").disabled = state.files.length === 0;
 }
 
-function renderPredictions(results) {
+function figure(result, i) {
+  return el(
+    "figure",
+    { class: "image" },
+    el("img", { src: state.previews[i], alt: result.filename || `image ${i + 1}` }),
+    el("figcaption", { text: result.filename || `image ${i + 1}` }),
+  );
+}
+
+// Which model answered (each response names it), above the results.
+function showAnswerer(answer, headless) {
+  const section = $("results-section");
+  section.dataset.model = answer.model_name;
+  section.dataset.version = String(answer.model_version);
+  section.dataset.headless = String(headless);
+  $("results-heading").textContent = headless ? "Embeddings" : "Classes";
+  const { model_name: name, model_version: version, model: variant } = answer;
+  $("results-model").textContent = `From model ${name}, version ${version} (${variant}).`;
+  $("headless-note").hidden = !headless;
+}
+
+function renderPredictions(answer) {
   const list = $("results");
   list.replaceChildren();
-  results.forEach((result, i) => {
+  showAnswerer(answer, false);
+  answer.results.forEach((result, i) => {
     const predictions = el("ol", { class: "predictions", "aria-label": `classes of ${result.filename}` });
     for (const p of result.predictions) {
       const bar = el("span", { class: "bar", "aria-hidden": "true" });
@@ -195,13 +345,23 @@ function renderPredictions(results) {
         ),
       );
     }
-    const figure = el(
-      "figure",
-      { class: "image" },
-      el("img", { src: state.previews[i], alt: result.filename || `image ${i + 1}` }),
-      el("figcaption", { text: result.filename || `image ${i + 1}` }),
-    );
-    list.append(el("li", { class: "result", "data-filename": result.filename }, figure, predictions));
+    list.append(el("li", { class: "result", "data-filename": result.filename }, figure(result, i), predictions));
+  });
+  $("results-section").hidden = false;
+}
+
+// A headless model: the images with their embeddings' size, no class bars (there are no classes).
+function renderEmbeddings(answer) {
+  const list = $("results");
+  list.replaceChildren();
+  showAnswerer(answer, true);
+  answer.results.forEach((result, i) => {
+    const about = el("p", {
+      class: "embedding-note",
+      "data-dim": String(result.embedding.length),
+      text: `No classes: an embedding of ${result.embedding.length} numbers.`,
+    });
+    list.append(el("li", { class: "result", "data-filename": result.filename }, figure(result, i), about));
   });
   $("results-section").hidden = false;
 }
@@ -237,31 +397,55 @@ function renderSimilarity(results) {
 }
 
 async function run() {
-  if (state.busy || state.files.length === 0) return;
+  if (state.files.length === 0) return;
+  if (state.busy) {
+    state.again = true; // the images or the model changed mid-run: this run's answer is already stale
+    return;
+  }
   state.busy = true;
   document.body.dataset.state = "busy";
   $("run").disabled = true;
   clearError();
   const files = state.files;
   const count = files.length;
-  setStatus(`Classifying ${count} image${count === 1 ? "" : "s"}…`);
+  const scope = apiParams(); // one model for the whole run, even if the picker changes meanwhile
+  const plural = count === 1 ? "" : "s";
   $("similarity-section").hidden = true;
   try {
-    const topK = $("top-k").value.trim();
-    const classified = await api("classify", {
-      method: "POST",
-      params: topK ? { top_k: topK } : {},
-      body: formData(files),
-    });
-    renderPredictions(classified.data.results);
-    renderTimings($("timings"), classified, count);
-    setStatus(`Classified ${count} image${count === 1 ? "" : "s"}.`);
-    if (count > 1) {
-      setStatus(`Classified ${count} images; comparing their embeddings…`);
-      const embedded = await api("embed", { method: "POST", params: { normalize: "true" }, body: formData(files) });
-      renderSimilarity(embedded.data.results);
-      renderTimings($("embed-timings"), embedded, count);
-      setStatus(`Classified and compared ${count} images.`);
+    // A headless model (no top_k in its card, or a 400 no_classifier) gets embeddings only: not an error.
+    let headless = Boolean(state.card) && !state.card.top_k;
+    if (!headless) {
+      setStatus(`Classifying ${count} image${plural}…`);
+      const topK = $("top-k").value.trim();
+      try {
+        const classified = await api("classify", {
+          method: "POST",
+          params: topK ? { ...scope, top_k: topK } : scope,
+          body: formData(files),
+        });
+        renderPredictions(classified.data);
+        renderTimings($("timings"), classified, count);
+        setStatus(`Classified ${count} image${plural}.`);
+      } catch (err) {
+        if (!(err instanceof ApiError) || err.code !== "no_classifier") throw err;
+        headless = true;
+      }
+    }
+    if (headless || count > 1) {
+      if (headless) setStatus(`Embedding ${count} image${plural}…`);
+      else setStatus(`Classified ${count} images; comparing their embeddings…`);
+      const params = { ...scope, normalize: "true" };
+      const embedded = await api("embed", { method: "POST", params, body: formData(files) });
+      if (headless) {
+        renderEmbeddings(embedded.data);
+        renderTimings($("timings"), embedded, count);
+      }
+      if (count > 1) {
+        renderSimilarity(embedded.data.results);
+        renderTimings($("embed-timings"), embedded, count);
+      }
+      if (headless) setStatus(count > 1 ? `Embedded and compared ${count} images.` : "Embedded 1 image.");
+      else setStatus(`Classified and compared ${count} images.`);
     }
   } catch (err) {
     if (!(err instanceof ApiError)) throw err;
@@ -273,6 +457,10 @@ async function run() {
     state.runs += 1;
     document.body.dataset.runs = String(state.runs);
     document.body.dataset.state = "idle";
+    if (state.again) {
+      state.again = false;
+      run();
+    }
   }
 }
 
@@ -298,6 +486,12 @@ function start() {
   key.addEventListener("change", () => {
     state.apiKey = key.value.trim();
     loadModel();
+  });
+  // A model names no version of its own: the latest is served unless one is picked.
+  $("model-select").addEventListener("change", (event) => choose(event.target.value, ""));
+  $("version-select").addEventListener("change", (event) => {
+    const model = state.card ? state.card.name : state.model;
+    if (model) choose(model, event.target.value);
   });
 
   // Dropping files works anywhere on the zone; the input inside it stays the keyboard's way in.
