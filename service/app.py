@@ -53,7 +53,7 @@ async def _start(state: ServiceState, model: InferenceModel | None) -> None:
         raise ModelLoadError(f"RESNEST_DEFAULT_MODEL {settings.default_model!r} is not among {registry.names()}")
     # After warm-up the models' memory (weights, arenas sized by the largest batch) is what it will stay at.
     largest_input = max(s.model.card.preprocess.input_size for s in registry.all())
-    check_memory(settings, largest_input, memory_limit_bytes(), rss_bytes())
+    check_memory(settings, largest_input, memory_limit_bytes(), rss_bytes(), versions=len(registry.all()))
     state.started = True
     for served in registry.all():
         log.info("ready: %s version %d (%s) on %s, max batch %d", served.name, served.version,

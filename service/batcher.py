@@ -345,6 +345,7 @@ class Batcher:
             ticket.remaining -= 1
             if ticket.remaining == 0:
                 ticket.future.set_result(None)
+        self._inflight = []  # answered: nothing of this batch is left for a failure to reach
 
     def _fail_all(self, exc: Exception) -> None:
         for item in self._queue:

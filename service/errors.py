@@ -24,6 +24,10 @@ ERRORS: dict[str, tuple[int, str]] = {
     "model_load_failed": (400, "the model could not be loaded; what was served before is unchanged"),
     "no_classifier": (400, "this model has no classifier (a headless backbone): it serves POST /embed only"),
     "unauthorized": (401, "a valid API key is required: Authorization: Bearer <key>"),
+    "model_control_disabled": (
+        403,
+        "model control is off: the server loads its models at start-up (RESNEST_MODEL_CONTROL=true allows it)",
+    ),
     "not_found": (404, "no such route"),
     "model_not_found": (404, "no such model or version"),
     "method_not_allowed": (405, "method not allowed on this route"),

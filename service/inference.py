@@ -43,8 +43,12 @@ class Outputs:
         }
 
 
-def _stopped(state: ServiceState, reason: BatcherStopped | None = None) -> ServiceError:
-    """The answer when the batcher refuses or drops work: shutting down, or its worker is gone."""
+def _stopped(
+    state: ServiceState, reason: BatcherStopped | None = None, served: ServedModel | None = None
+) -> ServiceError:
+    """The answer when the batcher refuses or drops work: shutting down, the model unloaded, or its worker gone."""
+    if served is not None and served.unloading and not state.draining:
+        return ServiceError("model_unavailable", f"model {served.name!r} version {served.version} was unloaded")
     if state.draining:
         message = f"the server is shutting down: {reason}" if reason and str(reason) else None
         return ServiceError("draining", message)
@@ -71,7 +75,7 @@ def admit(state: ServiceState, served: ServedModel, count: int) -> Reservation:
     except QueueFull as exc:
         raise ServiceError("overloaded", headers={"retry-after": str(exc.retry_after)}) from None
     except BatcherStopped:
-        raise _stopped(state) from None
+        raise _stopped(state, served=served) from None
 
 
 async def decode(state: ServiceState, served: ServedModel, blobs: list[bytes]) -> list[np.ndarray]:
@@ -116,7 +120,7 @@ async def run(request: Request, state: ServiceState, served: ServedModel, count:
         elapsed = time.perf_counter() - request.state.started
         ticket = batcher.submit(arrays, timeout=state.settings.request_timeout_s - elapsed, reservation=reservation)
     except BatcherStopped:
-        raise _stopped(state) from None
+        raise _stopped(state, served=served) from None
     finally:
         reservation.release()  # a no-op once submit() took it over
     preprocess_ms = (time.perf_counter() - started) * 1000
@@ -139,7 +143,7 @@ async def run(request: Request, state: ServiceState, served: ServedModel, count:
     except InferenceFailed:
         raise ServiceError("internal_error") from None
     except BatcherStopped as exc:
-        raise _stopped(state, exc) from None
+        raise _stopped(state, exc, served) from None
     out = Outputs(logits, embedding, preprocess_ms, (ticket.queue_wait or 0.0) * 1000, ticket.inference_time * 1000)
     request.state.queue_ms, request.state.inference_ms = round(out.queue_ms, 2), round(out.inference_ms, 2)
     return out

@@ -56,15 +56,15 @@ def check_spool(settings: Settings, spool_dir: str | None = None) -> None:
         )
 
 
-def check_memory(settings: Settings, input_size: int, limit: int | None, model_rss: int) -> None:
-    """The model as loaded plus the request path's worst case must fit the memory limit."""
+def check_memory(settings: Settings, input_size: int, limit: int | None, model_rss: int, versions: int = 1) -> None:
+    """The models as loaded plus the request path's worst case (a queue per model version) must fit the limit."""
     if limit is None:
         return
-    need = model_rss + settings.host_memory_bytes(input_size)
+    need = model_rss + settings.host_memory_bytes(input_size, versions)
     if need > limit:
         raise LimitsError(
-            f"worst-case memory {need >> 20} MiB (model {model_rss >> 20} MiB as loaded, plus "
-            f"RESNEST_DECODE_THREADS x RESNEST_MAX_IMAGE_PIXELS decodes, the queue's tensors and uploads' in-memory "
-            f"parts) exceeds the memory limit of {limit >> 20} MiB: lower RESNEST_DECODE_THREADS, "
+            f"worst-case memory {need >> 20} MiB (models {model_rss >> 20} MiB as loaded, plus "
+            f"RESNEST_DECODE_THREADS x RESNEST_MAX_IMAGE_PIXELS decodes, {versions} queue(s) of tensors and the "
+            f"uploads' in-memory parts) exceeds the memory limit of {limit >> 20} MiB: lower RESNEST_DECODE_THREADS, "
             f"RESNEST_MAX_IMAGE_PIXELS or RESNEST_MAX_QUEUE_SIZE, or raise the limit"
         )

@@ -33,7 +33,19 @@ class Metrics:
             "resnest_batch_size", "images per batch (before padding)", buckets=_BATCH, registry=r
         )
         self.padded = Counter("resnest_padded_images", "padding rows added to reach a fixed batch shape", registry=r)
-        self.queue_depth = Gauge("resnest_queue_depth", "images waiting for inference", registry=r)
+        # The total is read from the batchers at scrape time (set_function): with several models, no batcher
+        # may overwrite the others' share.
+        self.queue_depth = Gauge("resnest_queue_depth", "images waiting for inference, all models", registry=r)
+        self.model_queue_depth = Gauge(
+            "resnest_model_queue_depth", "images waiting for inference, per model version", ["model", "version"],
+            registry=r,
+        )  # fmt: skip
+        self.model_inflight = Gauge(
+            "resnest_model_inflight_requests",
+            "requests being answered by a model version (an unload waits for them)",
+            ["model", "version"],
+            registry=r,
+        )
         self.inflight = Gauge("resnest_inflight_requests", "requests being handled", registry=r)
         self.ready = Gauge("resnest_ready", "1 when /readyz answers 200", registry=r)
         self.model_info = Gauge(
@@ -49,8 +61,8 @@ class Metrics:
             registry=r,
         )
 
-    def observer(self) -> BatchObserver:
-        """Callbacks that feed the batcher's figures into these metrics."""
+    def observer(self, model: str, version: str) -> BatchObserver:
+        """Callbacks that feed one model version's batcher figures into these metrics."""
 
         def on_batch(images: int, padded: int, seconds: float) -> None:
             self.batch_size.observe(images)
@@ -59,7 +71,9 @@ class Metrics:
                 self.padded.inc(padded - images)
 
         return BatchObserver(
-            on_batch=on_batch, on_queue_depth=self.queue_depth.set, on_queue_wait=self.queue_wait.observe
+            on_batch=on_batch,
+            on_queue_depth=self.model_queue_depth.labels(model, version).set,
+            on_queue_wait=self.queue_wait.observe,
         )
 
     def render(self) -> bytes:

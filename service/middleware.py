@@ -18,6 +18,7 @@ from .logs import log_access, request_id_var
 from .metrics import Metrics
 from .page import PATHS as PAGE_PATHS
 from .responses import JSONResponse
+from .state import OIP_INFER
 
 REQUEST_ID = "x-request-id"
 _WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
@@ -32,14 +33,13 @@ TIMING_KEYS = ("preprocess_ms", "queue_ms", "inference_ms")
 UPLOAD_ROUTES = frozenset({"/classify", "/embed"})
 # The Open Inference Protocol's routes, as metric labels: one per route template, not per model name.
 _OIP_ROUTES = (
-    (re.compile(r"^/v2/models/[^/]+(?:/versions/\d+)?/infer$"), "/v2/models/{model}/infer"),
+    (OIP_INFER, "/v2/models/{model}/infer"),
     (re.compile(r"^/v2/models/[^/]+(?:/versions/\d+)?/ready$"), "/v2/models/{model}/ready"),
     (re.compile(r"^/v2/models/[^/]+(?:/versions/\d+)?/config$"), "/v2/models/{model}/config"),
     (re.compile(r"^/v2/models/[^/]+(?:/versions/\d+)?$"), "/v2/models/{model}"),
     (re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$"), "/v2/repository/models/{model}/{action}"),
     (re.compile(r"^/v2(/health/live|/health/ready|/repository/index)?$"), None),
 )
-OIP_INFER = _OIP_ROUTES[0][0]
 
 
 def route_label(path: str) -> str:

@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client import Gauge
+
 from .batcher import Batcher
 from .errors import ServiceError
-from .limits import rss_bytes
+from .limits import check_memory, memory_limit_bytes, rss_bytes
 from .metrics import Metrics
 from .repository import ModelEntry, RepositoryError, read_model, scan
 from .runtime import InferenceModel, ModelLoadError, OrtModel, warm_up
@@ -47,6 +49,7 @@ class ServedModel:
     loaded_at: float = field(default_factory=time.time)
     unloading: bool = False
     inflight: int = 0  # requests that resolved to this version and have not been answered
+    inflight_gauge: Gauge | None = None  # the same count in /metrics
 
     @property
     def ready(self) -> bool:
@@ -56,10 +59,14 @@ class ServedModel:
     def use(self) -> Iterator[ServedModel]:
         """Count a request against this version for as long as it is being answered (unload waits on it)."""
         self.inflight += 1
+        if self.inflight_gauge is not None:
+            self.inflight_gauge.labels(self.name, str(self.version)).inc()
         try:
             yield self
         finally:
             self.inflight -= 1
+            if self.inflight_gauge is not None:
+                self.inflight_gauge.labels(self.name, str(self.version)).dec()
 
 
 @dataclass
@@ -81,6 +88,8 @@ class Registry:
         self.failures: dict[str, str] = {}  # why a model's last load failed
         self._lock = asyncio.Lock()  # one load or unload at a time: memory is measured per load
         self._retiring: set[asyncio.Task[None]] = set()
+        self.retiring: set[ServedModel] = set()  # replaced versions still finishing their requests
+        metrics.queue_depth.set_function(lambda: sum(batcher.depth for batcher in self.batchers()))
         self.building = False  # a model is being loaded or warmed right now
 
     # -- lookup ------------------------------------------------------------------------------------------
@@ -88,7 +97,12 @@ class Registry:
         return sorted(self.models)
 
     def all(self) -> list[ServedModel]:
+        """Every version being served (not those a reload replaced and that are still draining)."""
         return [served for versions in self.models.values() for served in versions.values()]
+
+    def batchers(self) -> list[Batcher]:
+        """Every batcher with work: served versions and replaced ones still draining (shutdown covers both)."""
+        return [s.batcher for s in self.all()] + [s.batcher for s in self.retiring]
 
     def default_name(self) -> str | None:
         """The model a request that names none gets: the configured default, else the only one."""
@@ -150,27 +164,45 @@ class Registry:
             max_delay=settings.max_queue_delay_ms / 1000,
             pad_to=shapes if settings.pad_batches else None,
             cut_to=shapes,
-            observer=self.metrics.observer(),
+            observer=self.metrics.observer(name, str(version)),
         )
         batcher.start()
         memory = max(rss_bytes() - before, 0)
         served = ServedModel(name, version, model, batcher, str(path) if path else "in-process", memory)
+        served.inflight_gauge = self.metrics.model_inflight
         card = model.card
-        self.metrics.model_memory.labels(name, str(version)).set(memory)
-        self.metrics.model_info.labels(
-            name, str(version), card.variant, card.precision, model.providers[0], card.weights.get("sha256", "?")[:16]
-        ).set(1)
         if card.warning:
             log.warning("%s (model %s version %d)", card.warning, name, version)
         log.info("loaded %s version %d (%s, %s) on %s: %.0f MiB", name, version, card.variant, card.precision,
                  model.providers, memory / 2**20)  # fmt: skip
         return served
 
+    def _info_labels(self, served: ServedModel) -> tuple[str, ...]:
+        card = served.model.card
+        return (served.name, str(served.version), card.variant, card.precision, served.model.providers[0],
+                card.weights.get("sha256", "?")[:16])  # fmt: skip
+
+    def _swap_in(self, name: str, built: list[ServedModel]) -> None:
+        """Serve `built` under `name`; the versions it replaces drain in the background."""
+        old = self.models.get(name, {})
+        self.models[name] = {s.version: s for s in built}
+        for served in old.values():
+            self._retire(served)
+        for served in built:  # after the old ones' series are gone: they may share these labels
+            self.metrics.model_memory.labels(served.name, str(served.version)).set(served.memory_bytes)
+            self.metrics.model_info.labels(*self._info_labels(served)).set(1)
+
+    def _check_memory(self, built: list[ServedModel]) -> None:
+        """What is served plus what was just built, and the request path's worst case, within the limit."""
+        versions = self.all() + built
+        largest = max(s.model.card.preprocess.input_size for s in versions)
+        check_memory(self.settings, largest, memory_limit_bytes(), rss_bytes(), versions=len(versions))
+
     async def add(self, name: str, model: InferenceModel, version: int = 1) -> ServedModel:
         """Serve an already-built model (tests, the one-file shortcut with an injected model)."""
         async with self._lock:
             served = await self._build(name, version, model, None)
-            self.models[name] = {version: served}
+            self._swap_in(name, [served])
             return served
 
     async def load(self, entry: ModelEntry) -> list[ServedModel]:
@@ -180,17 +212,14 @@ class Registry:
             try:
                 for version in entry.selected:
                     built.append(await self._build(entry.name, version, None, entry.files[version]))
+                self._check_memory(built)  # a load that would not fit is refused, not left to the OOM killer
             except Exception as exc:
                 for served in built:
                     await served.batcher.stop(0)
-                    self._forget(served)
                 self.failures[entry.name] = str(exc)
                 raise
             self.failures.pop(entry.name, None)
-            old = self.models.get(entry.name, {})
-            self.models[entry.name] = {s.version: s for s in built}
-            for served in old.values():
-                self._retire(served)
+            self._swap_in(entry.name, built)
             return built
 
     async def load_path(self, name: str, path: Path) -> ServedModel:
@@ -217,14 +246,21 @@ class Registry:
 
     # -- unloading ---------------------------------------------------------------------------------------
     def _forget(self, served: ServedModel) -> None:
-        card = served.model.card
-        with contextlib.suppress(KeyError):
-            self.metrics.model_memory.remove(served.name, str(served.version))
-        with contextlib.suppress(KeyError):
-            self.metrics.model_info.remove(
-                served.name, str(served.version), card.variant, card.precision, served.model.providers[0],
-                card.weights.get("sha256", "?")[:16],
-            )  # fmt: skip
+        """Drop a version's series from /metrics, unless a newer build of the same version serves now."""
+        current = self.models.get(served.name, {}).get(served.version)
+        if current is not None and current is not served:
+            if self._info_labels(current) != self._info_labels(served):  # another file under the same version
+                with contextlib.suppress(KeyError):
+                    self.metrics.model_info.remove(*self._info_labels(served))
+            return
+        for gauge, labels in (
+            (self.metrics.model_memory, (served.name, str(served.version))),
+            (self.metrics.model_info, self._info_labels(served)),
+            (self.metrics.model_queue_depth, (served.name, str(served.version))),
+            (self.metrics.model_inflight, (served.name, str(served.version))),
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
 
     async def _drain(self, served: ServedModel) -> None:
         """Refuse new requests at once, let those in flight finish (up to their deadline), stop the batcher."""
@@ -239,9 +275,11 @@ class Registry:
     def _retire(self, served: ServedModel) -> None:
         """Drain a replaced version in the background; the new one is already taking requests."""
         served.unloading = True
+        self.retiring.add(served)
         task = asyncio.get_running_loop().create_task(self._drain(served))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        task.add_done_callback(lambda _: self.retiring.discard(served))
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of `name` once its requests in flight are answered."""
@@ -259,27 +297,26 @@ class Registry:
         """Every model on disk and in memory: READY, UNLOADING, UNAVAILABLE (with the reason)."""
         rows: dict[tuple[str, str], IndexEntry] = {}
         root = self.settings.model_repository
-        if root is not None:
-            for name, entry in scan(root).items():
-                if isinstance(entry, RepositoryError):
-                    rows[(name, "")] = IndexEntry(name, "", "UNAVAILABLE", str(entry))
-                    continue
-                for version in sorted(entry.files):
-                    chosen = version in entry.selected
-                    reason = "" if chosen else "not selected by the version policy"
-                    rows[(name, str(version))] = IndexEntry(name, str(version), "UNAVAILABLE", reason)
-        for name, error in self.failures.items():
-            for key, row in rows.items():
-                if key[0] == name:
-                    row.reason = error
+        try:
+            found = scan(root) if root is not None else {}
+        except RepositoryError:
+            log.error("the model repository %s cannot be read", root)
+            found = {}
+        for name, entry in found.items():
+            if isinstance(entry, RepositoryError):
+                rows[(name, "")] = IndexEntry(name, "", "UNAVAILABLE", str(entry))
+                continue
+            for version in sorted(entry.files):
+                chosen = version in entry.selected
+                reason = "the last load failed (see the server log)" if name in self.failures else ""
+                reason = reason if chosen else "not selected by the version policy"
+                rows[(name, str(version))] = IndexEntry(name, str(version), "UNAVAILABLE", reason)
         for served in self.all():
             state = "UNLOADING" if served.unloading else "READY" if served.ready else "UNAVAILABLE"
             rows[(served.name, str(served.version))] = IndexEntry(served.name, str(served.version), state)
         return [rows[k] for k in sorted(rows, key=lambda k: (k[0], int(k[1] or 0)))]
 
     async def stop_all(self, timeout: float) -> bool:
-        """Stop every batcher within `timeout`; whether all finished their work."""
-        results = await asyncio.gather(*(s.batcher.stop(timeout) for s in self.all()))
-        for task in list(self._retiring):
-            task.cancel()
+        """Stop every batcher, draining replaced versions included, within `timeout`; whether all finished."""
+        results = await asyncio.gather(*(batcher.stop(timeout) for batcher in self.batchers()))
         return all(results)

@@ -3,13 +3,12 @@
 # No `from __future__ import annotations` here: FastAPI must see the parameter annotations as objects,
 # and the limits inside them come from this app's settings, which a string annotation could not reach.
 
-import hmac
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.responses import Response
 
+from .auth import key_check
 from .errors import ERRORS, ServiceError, error_payload
 from .inference import run_uploads
 from .postprocess import l2_normalize, top_k
@@ -18,7 +17,6 @@ from .schemas import ClassifyResponse, EmbedResponse, ErrorResponse, Health, Mod
 from .settings import Settings
 from .state import ServiceState
 
-_bearer = HTTPBearer(auto_error=False, description="required only when RESNEST_API_KEY is set")
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse, "description": ", ".join(c for c, (s, _) in ERRORS.items() if s == status)}
     for status in sorted({s for s, _ in ERRORS.values()})
@@ -48,15 +46,7 @@ def build_router(state: ServiceState) -> APIRouter:
     settings = state.settings
     router = APIRouter()
 
-    def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        if settings.api_key is None:
-            return
-        expected = settings.api_key.get_secret_value().encode()
-        given = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(given, expected):  # constant time: no timing oracle on the key
-            raise ServiceError("unauthorized", headers={"www-authenticate": "Bearer"})
-
-    guarded = [Depends(require_key)]
+    guarded = [Depends(key_check(settings))]
     TopK = Annotated[int | None, Query(alias="top_k", ge=1, le=settings.top_k_max, description="predictions per image")]
     ModelName = Annotated[
         str | None, Query(alias="model", max_length=64, description="which model (default: the only one served)")

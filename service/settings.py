@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     model_repository: Path | None = Field(
         None, description="serve a Triton-layout repository instead: <dir>/<model>/<version>/model.onnx"
     )
+    model_control: bool = Field(
+        False,
+        description="allow POST /v2/repository/models/{m}/load and /unload (Triton's explicit mode); needs the "
+        "API key set",
+    )
     default_model: str | None = Field(
         None, description="the model of requests that name none (default: the only one served)"
     )
@@ -57,7 +62,8 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         256,
         ge=1,
-        description="most /classify and /embed requests in progress at once (read, decoded or queued); beyond: 429",
+        description="most /classify, /embed and OIP infer requests in progress at once (read, decoded or queued); "
+        "beyond: 429",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="deadline per request, queueing included; then 504")
     max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="most bytes in one request body; beyond: 413")
@@ -91,7 +97,11 @@ class Settings(BaseSettings):
         description="after SIGTERM: most seconds until the process exits, drain grace included; what is still "
         "in flight then gets 503 and the exit code is 3",
     )
-    api_key: SecretStr | None = Field(None, description="if set, /classify, /embed and /model need 'Bearer <key>'")
+    api_key: SecretStr | None = Field(
+        None,
+        description="if set, 'Bearer <key>' is needed by /classify, /embed, /model and the /v2 metadata, config, "
+        "infer and repository routes (health, readiness, /metrics, /docs and the page stay open)",
+    )
     host: str = Field("0.0.0.0", description="listen address")
     port: int = Field(8000, ge=0, le=65535, description="listen port (0: any free port, logged at start)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
@@ -110,6 +120,8 @@ class Settings(BaseSettings):
             )
         if self.model_repository is not None and "model_path" in self.model_fields_set:
             raise ValueError("set model_path or model_repository, not both: a repository names its own files")
+        if self.model_control and self.api_key is None:
+            raise ValueError("model_control lets a client load and unload models: it needs api_key set too")
         if self.max_upload_bytes > self.max_buffered_upload_bytes:
             raise ValueError(
                 f"max_upload_bytes ({self.max_upload_bytes}) exceeds max_buffered_upload_bytes "
@@ -147,11 +159,11 @@ class Settings(BaseSettings):
             n *= 2
         return [*sizes, self.max_batch_size]
 
-    def host_memory_bytes(self, input_size: int) -> int:
-        """Worst-case host memory the request path can hold at once, besides the model's own: decodes in
-        progress, queued input tensors and the uploads' in-memory parts."""
+    def host_memory_bytes(self, input_size: int, versions: int = 1) -> int:
+        """Worst-case host memory the request path can hold at once, besides the models' own: decodes in
+        progress, each model version's queued input tensors and the uploads' in-memory parts."""
         decoding = self.decode_threads * self.max_image_pixels * DECODE_BYTES_PER_PIXEL
-        tensors = (self.max_queue_size + self.max_batch_size) * 3 * input_size * input_size * 4
+        tensors = versions * (self.max_queue_size + self.max_batch_size) * 3 * input_size * input_size * 4
         uploads = min(self.max_buffered_upload_bytes, self.max_concurrent_requests * UPLOAD_PART_IN_MEMORY_BYTES)
         return decoding + tensors + uploads
 

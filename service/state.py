@@ -17,7 +17,7 @@ from .runtime import InferenceModel
 from .settings import Settings
 
 # /v2/models/{model}[/versions/{version}]/infer: the model an OIP upload is for, read before its body.
-_OIP_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?/infer$")
+OIP_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?/infer$")
 
 
 @dataclass
@@ -52,12 +52,9 @@ class ServiceState:
         served = self._default()
         return served.batcher if served else None
 
-    @property
-    def warmed(self) -> bool:
-        return self.started
-
     def batchers(self) -> list[Batcher]:
-        return [served.batcher for served in self.registry.all()]
+        """Every batcher with work, versions a reload replaced and still draining included."""
+        return self.registry.batchers()
 
     def resolve(self, name: str | None, version: int | None = None) -> ServedModel:
         """The model version a request is for; 503 while start-up is still loading models."""
@@ -97,7 +94,7 @@ class ServiceState:
         name: str | None = None
         version: int | None = None
         if scope is not None:
-            found = _OIP_INFER.match(scope.get("path", ""))
+            found = OIP_INFER.match(scope.get("path", ""))
             if found:
                 name, version = found["name"], int(found["version"]) if found["version"] else None
             else:

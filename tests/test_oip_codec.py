@@ -44,7 +44,7 @@ def test_binary_fp32_and_bytes_inputs_from_tritonclient_parse_to_the_same_values
     ]
     body, header = triton_body([a, b], out)
     assert header is not None
-    req = parse_request(body, header, LIMIT)
+    req = parse_request(body, header, LIMIT, 16)
     assert req.id == "req-1"
     np.testing.assert_array_equal(req.inputs[0].data, images)
     assert req.inputs[1].data == [b"\xff\xd8jpeg-one", b"\x89PNG-two\x00"]
@@ -60,14 +60,14 @@ def test_json_inputs_flat_or_nested_and_base64_bytes() -> None:
     a.set_data_from_numpy(images, binary_data=False)
     body, header = triton_body([a])
     assert header is None  # all JSON
-    req = parse_request(body, header, LIMIT)
+    req = parse_request(body, header, LIMIT, 16)
     np.testing.assert_array_equal(req.inputs[0].data, images)
     assert req.outputs is None and req.binary_default  # no outputs named: every output, binary (tritonclient's ask)
     nested = {"inputs": [{"name": "images", "shape": [2, 3, 2, 2], "datatype": "FP32", "data": images.tolist()}]}
-    np.testing.assert_array_equal(parse_request(json.dumps(nested).encode(), None, LIMIT).inputs[0].data, images)
+    np.testing.assert_array_equal(parse_request(json.dumps(nested).encode(), None, LIMIT, 16).inputs[0].data, images)
     encoded = base64.b64encode(b"\xff\xd8\x00raw").decode()
     doc = {"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [encoded]}]}
-    assert parse_request(json.dumps(doc).encode(), None, LIMIT).inputs[0].data == [b"\xff\xd8\x00raw"]
+    assert parse_request(json.dumps(doc).encode(), None, LIMIT, 16).inputs[0].data == [b"\xff\xd8\x00raw"]
 
 
 @pytest.mark.parametrize(
@@ -84,24 +84,27 @@ def test_json_inputs_flat_or_nested_and_base64_bytes() -> None:
         ({"inputs": [{"name": "b", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]}, "base64"),
         ({"inputs": [{"name": "images", "shape": [1], "datatype": "FP32"}]}, "neither 'data' nor"),
         ({"inputs": [{"name": "images", "shape": [10**9], "datatype": "FP32", "data": []}]}, "more than the limit"),
+        ({"inputs": [{"name": "b", "shape": [17], "datatype": "BYTES", "data": [""] * 17}]}, "at most 16 images"),
+        ({"inputs": [{"name": "i", "shape": [1, 1], "datatype": "FP32", "data": [[[1.0]]]}]}, "nested deeper"),
+        ({"inputs": [{"name": "i", "shape": [2, 1], "datatype": "FP32", "data": [[1.0], 2.0]}]}, "ragged"),
     ],
 )
 def test_malformed_requests_name_what_is_wrong(doc: dict, message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ProtocolError, match=re.escape(message)):
-        parse_request(json.dumps(doc).encode(), None, LIMIT)
+        parse_request(json.dumps(doc).encode(), None, LIMIT, 16)
 
 
 def test_binary_sizes_that_do_not_add_up_are_refused() -> None:
     head = json.dumps(
         {"inputs": [{"name": "images", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]}
     ).encode()
-    parse_request(head + b"\x00" * 8, str(len(head)), LIMIT)
+    parse_request(head + b"\x00" * 8, str(len(head)), LIMIT, 16)
     with pytest.raises(ProtocolError, match="runs past the end"):
-        parse_request(head + b"\x00" * 4, str(len(head)), LIMIT)
+        parse_request(head + b"\x00" * 4, str(len(head)), LIMIT, 16)
     with pytest.raises(ProtocolError, match="belong to no input"):
-        parse_request(head + b"\x00" * 12, str(len(head)), LIMIT)
+        parse_request(head + b"\x00" * 12, str(len(head)), LIMIT, 16)
     with pytest.raises(ProtocolError, match="not a length within the body"):
-        parse_request(head, str(len(head) + 1), LIMIT)
+        parse_request(head, str(len(head) + 1), LIMIT, 16)
     with pytest.raises(ProtocolError, match="length prefix is cut short"):
         deserialize_bytes(b"\x05\x00")
 
@@ -129,3 +132,11 @@ def test_responses_decode_in_tritonclient_binary_and_json() -> None:
 def test_bytes_round_trip() -> None:
     elements = [b"", b"a", b"\x00" * 300]
     assert deserialize_bytes(serialize_bytes(elements), 3) == elements
+
+
+def test_hostile_nesting_is_refused_without_recursion() -> None:
+    # 990 levels: within orjson's depth limit, far beyond the stack a recursive flatten would need.
+    deep = "[" * 990 + "1.0" + "]" * 990
+    body = f'{{"inputs": [{{"name": "images", "shape": [1], "datatype": "FP32", "data": {deep}}}]}}'
+    with pytest.raises(ProtocolError, match="nested deeper than its shape"):
+        parse_request(body.encode(), None, LIMIT, 16)

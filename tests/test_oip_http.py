@@ -38,13 +38,34 @@ def repository(tmp_path: Path, tiny_onnx: Path, digits_onnx) -> Path:  # type: i
     return root
 
 
+KEY = "repository-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def auth() -> dict[str, str]:
+    """The key as headers; a fresh dict each call, since tritonclient adds its own headers to the one given."""
+    return dict(AUTH)
+
+
 @pytest.fixture
 def server(server_factory, repository: Path):  # type: ignore[no-untyped-def]
-    return server_factory({"RESNEST_MODEL_REPOSITORY": str(repository), "RESNEST_MAX_IMAGES_PER_REQUEST": "8"})
+    """Model control on (it needs the API key): every call below carries AUTH."""
+    return server_factory(
+        {
+            "RESNEST_MODEL_REPOSITORY": str(repository),
+            "RESNEST_MAX_IMAGES_PER_REQUEST": "8",
+            "RESNEST_MODEL_CONTROL": "true",
+            "RESNEST_API_KEY": KEY,
+        }
+    )
 
 
 def client_for(server) -> triton.InferenceServerClient:  # type: ignore[no-untyped-def]
     return triton.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=120)
+
+
+def http_for(server) -> httpx.Client:  # type: ignore[no-untyped-def]
+    return httpx.Client(base_url=server.url, timeout=120, headers=auth())
 
 
 def uploads(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -69,29 +90,29 @@ def test_metadata_config_and_readiness_describe_each_model(server) -> None:  # t
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata()
     assert {"binary_tensor_data", "classification", "model_repository"} <= set(meta["extensions"])
-    tiny = client.get_model_metadata("tiny")
+    tiny = client.get_model_metadata("tiny", headers=auth())
     assert tiny["versions"] == ["1", "2"] and tiny["platform"] == "onnx_onnxv1"
     assert {t["name"]: t["shape"] for t in tiny["inputs"]} == {"images": [-1, 3, 64, 64], "image_bytes": [-1, 1]}
     assert {t["name"]: t["shape"] for t in tiny["outputs"]} == {
         "logits": [-1, 1000], "embedding": [-1, 2048], "probabilities": [-1, 1000]
     }  # fmt: skip
-    digits = client.get_model_metadata("digits", "1")
+    digits = client.get_model_metadata("digits", "1", headers=auth())
     assert {t["name"]: t["shape"] for t in digits["outputs"]}["logits"] == [-1, 10]
-    config = client.get_model_config("tiny")
+    config = client.get_model_config("tiny", headers=auth())
     assert config["max_batch_size"] == 8 and config["version_policy"] == {"all": {}}
     assert config["input"][0] == {"name": "images", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
                                   "dims": [3, 64, 64]}  # fmt: skip
     assert config["dynamic_batching"]["preferred_batch_size"] == [1, 2, 4, 8]
     assert client.is_model_ready("tiny", "1") and client.is_model_ready("digits")
     assert not client.is_model_ready("nope")
-    index = {(m["name"], m["version"]): m["state"] for m in client.get_model_repository_index()}
+    index = {(m["name"], m["version"]): m["state"] for m in client.get_model_repository_index(headers=auth())}
     assert index == {("tiny", "1"): "READY", ("tiny", "2"): "READY", ("digits", "1"): "READY"}
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_bytes_and_fp32_inputs_answer_what_classify_and_embed_answer(server, binary: bool) -> None:  # type: ignore[no-untyped-def]
     client = client_for(server)
-    with httpx.Client(base_url=server.url, timeout=120) as http:
+    with http_for(server) as http:
         for model, k in (("tiny", 5), ("digits", 3)):
             ref = http.post("/classify", params={"model": model, "top_k": k}, files=uploads(PHOTOS)).json()
             ref_emb = http.post("/embed", params={"model": model}, files=uploads(PHOTOS)).json()
@@ -106,13 +127,15 @@ def test_bytes_and_fp32_inputs_answer_what_classify_and_embed_answer(server, bin
                 triton.InferRequestedOutput("logits", binary_data=binary),
             ]
             # The service decodes the files...
-            by_bytes = client.infer(model, [bytes_input(PHOTOS, binary)], outputs=outputs, request_id="r1")
+            by_bytes = client.infer(
+                model, [bytes_input(PHOTOS, binary)], outputs=outputs, request_id="r1", headers=auth()
+            )
             # ...or the client preprocesses them itself, as the model card says.
             cfg = PreprocessConfig.from_dict(card["preprocess"])
             batch = np.stack([preprocess(b, cfg, 40_000_000) for b in PHOTOS])
             tensor = triton.InferInput("images", list(batch.shape), "FP32")
             tensor.set_data_from_numpy(batch, binary_data=binary)
-            by_tensor = client.infer(model, [tensor], outputs=outputs)
+            by_tensor = client.infer(model, [tensor], outputs=outputs, headers=auth())
             for result in (by_bytes, by_tensor):
                 strings = [[text(s) for s in row] for row in result.as_numpy("probabilities")]
                 assert strings == want_strings, model
@@ -125,9 +148,10 @@ def test_bytes_and_fp32_inputs_answer_what_classify_and_embed_answer(server, bin
 def test_classification_on_logits_ranks_like_classify_with_the_logit_values(server) -> None:  # type: ignore[no-untyped-def]
     client = client_for(server)
     out = [triton.InferRequestedOutput("logits", class_count=3), triton.InferRequestedOutput("probabilities")]
-    result = client.infer("digits", [bytes_input(PHOTOS[:1], True)], outputs=out)
+    result = client.infer("digits", [bytes_input(PHOTOS[:1], True)], outputs=out, headers=auth())
     (row,) = result.as_numpy("logits")
-    ref = httpx.post(f"{server.url}/classify", params={"model": "digits", "top_k": 3}, files=uploads(PHOTOS[:1]))
+    with http_for(server) as http:
+        ref = http.post("/classify", params={"model": "digits", "top_k": 3}, files=uploads(PHOTOS[:1]))
     ranks = [(p["index"], p["label"]) for p in ref.json()["results"][0]["predictions"]]
     parsed = [text(s).split(":") for s in row]
     assert [(int(i), label) for _, i, label in parsed] == ranks
@@ -156,16 +180,20 @@ def test_classification_on_logits_ranks_like_classify_with_the_logit_values(serv
         ("/v2/models/tiny/infer", {"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
                                                "data": [base64.b64encode(PHOTOS[0]).decode()]}],
                                    "outputs": [{"name": "scores"}]}, 400, "unknown output(s) ['scores']"),
+        ("/v2/models/tiny/infer", b'{"inputs": [{"name": "images", "shape": [1], "datatype": "FP32", "data": '
+         + b"[" * 900 + b"1.0" + b"]" * 900 + b"}]}", 400, "nested deeper than its shape"),
+        ("/v2/repository/models/tiny/load", b"{" + b" " * 70_000 + b"}", 413, "at most 65536 bytes"),
     ],
 )  # fmt: skip
 def test_errors_use_the_protocols_form_and_the_error_tables_status(
     server,
     path: str,
-    body: dict,
+    body: dict | bytes,
     status: int,
     message: str,  # type: ignore[no-untyped-def, type-arg]
 ) -> None:
-    answer = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+    with http_for(server) as http:
+        answer = http.post(path, json=body) if isinstance(body, dict) else http.post(path, content=body)
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert isinstance(error, str) and message in error
@@ -183,7 +211,7 @@ def test_load_and_unload_under_load_lose_no_request_of_the_other_model(server, r
     statuses: list[int] = []
 
     def hammer() -> None:
-        with httpx.Client(base_url=server.url, timeout=120) as http:
+        with http_for(server) as http:
             deadline = time.monotonic() + 300  # bounded even if the test body fails before setting `stop`
             while not stop.is_set() and time.monotonic() < deadline:
                 answer = http.post("/classify", params={"model": "tiny", "version": 2}, files=uploads(PHOTOS[:2]))
@@ -192,30 +220,36 @@ def test_load_and_unload_under_load_lose_no_request_of_the_other_model(server, r
     worker = threading.Thread(target=hammer, daemon=True)
     worker.start()
     try:
-        client.unload_model("digits")
+        client.unload_model("digits", headers=auth())
         assert not client.is_model_ready("digits")
-        gone = httpx.post(f"{server.url}/classify", params={"model": "digits"}, files=uploads(PHOTOS[:1]))
+        with http_for(server) as http:
+            gone = http.post("/classify", params={"model": "digits"}, files=uploads(PHOTOS[:1]))
         assert gone.status_code == 404 and "available: tiny" in gone.json()["error"]["message"]
         # A load that fails (a corrupt file) leaves what was served untouched: tiny keeps version 2 serving.
         good = (repository / "tiny" / "2" / "model.onnx").read_bytes()
         (repository / "tiny" / "2" / "model.onnx").write_bytes(b"not an onnx file")
-        with pytest.raises(InferenceServerException, match="failed to load 'tiny'"):
-            client.load_model("tiny")
+        with pytest.raises(InferenceServerException, match="failed to load 'tiny'") as failed:
+            client.load_model("tiny", headers=auth())
+        assert str(repository) not in str(failed.value), "the cause is for the server log, not the client"
+        assert "loading model 'tiny' failed" in server.log()
         (repository / "tiny" / "2" / "model.onnx").write_bytes(good)
-        index = {(m["name"], m["version"]): m for m in client.get_model_repository_index()}
+        index = {(m["name"], m["version"]): m for m in client.get_model_repository_index(headers=auth())}
         assert index[("tiny", "2")]["state"] == "READY"
         assert index[("digits", "1")]["state"] == "UNAVAILABLE"
-        client.load_model("digits")
+        client.load_model("digits", headers=auth())
         assert client.is_model_ready("digits")
-        client.load_model("tiny")  # a reload under load: the new session takes over, the old one drains
-        while len(statuses) < 10:
+        before = len(statuses)
+        client.load_model("tiny", headers=auth())  # a reload under load: the new session takes over, the old one drains
+        while len(statuses) < before + 10:  # the new session answers too
+            assert worker.is_alive()
             time.sleep(0.05)
     finally:
         stop.set()
         worker.join(timeout=120)
     print(f"\ntiny under load during unload/failed load/load/reload: {len(statuses)} requests, {set(statuses)}")
     assert statuses and set(statuses) == {200}
-    back = httpx.post(f"{server.url}/classify", params={"model": "digits"}, files=uploads(PHOTOS[:1]))
+    with http_for(server) as http:
+        back = http.post("/classify", params={"model": "digits"}, files=uploads(PHOTOS[:1]))
     assert back.status_code == 200
 
 
@@ -224,16 +258,27 @@ def test_an_unload_finishes_the_requests_in_flight(server) -> None:  # type: ign
     results: list[int] = []
 
     def slow_request() -> None:
-        answer = httpx.post(
-            f"{server.url}/classify", params={"model": "digits"}, files=uploads(PHOTOS * 2), timeout=120
-        )
+        with http_for(server) as http:
+            answer = http.post("/classify", params={"model": "digits"}, files=uploads(PHOTOS * 2))
         results.append(answer.status_code)
 
     requester = threading.Thread(target=slow_request)
     requester.start()
     deadline = time.monotonic() + 60
-    while "resnest_inflight_requests 2.0" not in httpx.get(f"{server.url}/metrics").text:  # it and this scrape
+    held = 'resnest_model_inflight_requests{model="digits",version="1"} 1.0'
+    while held not in httpx.get(f"{server.url}/metrics").text:  # the request has resolved the model
         assert time.monotonic() < deadline and requester.is_alive()
-    client.unload_model("digits")
+        time.sleep(0.005)
+    client.unload_model("digits", headers=auth())
     requester.join(timeout=120)
     assert results == [200]
+
+
+def test_model_control_is_off_unless_configured(server_factory, repository: Path) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory({"RESNEST_MODEL_REPOSITORY": str(repository)})
+    client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+    for call in (client.load_model, client.unload_model):  # this server has no key
+        with pytest.raises(InferenceServerException, match="model control is off") as refused:
+            call("tiny")
+        assert refused.value.status() == "403"
+    assert client.is_model_ready("tiny")

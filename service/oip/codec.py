@@ -117,20 +117,29 @@ def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _flatten(data: Any) -> list[Any]:
-    """Row-major data may come flat or nested."""
+def _flatten(name: str, data: Any, depth: int) -> list[Any]:
+    """Row-major data may come flat or nested, at most `depth` lists deep (the tensor's rank less one);
+    iterative, so a hostile nesting cannot exhaust the stack."""
     if not isinstance(data, list):
         return [data]
-    if not data or not isinstance(data[0], list):
-        return data
-    flat: list[Any] = []
-    for item in data:
-        flat.extend(_flatten(item))
-    return flat
+    level = data
+    for _ in range(depth):
+        if not level or not isinstance(level[0], list):
+            break
+        flat: list[Any] = []
+        for item in level:
+            if not isinstance(item, list):
+                raise ProtocolError(f"input {name!r}: its nested data is ragged")
+            flat.extend(item)
+        level = flat
+    if level and isinstance(level[0], list):
+        raise ProtocolError(f"input {name!r}: its data is nested deeper than its shape")
+    return level
 
 
-def _json_elements(name: str, datatype: str, data: Any, count: int) -> np.ndarray | list[bytes]:
-    values = _flatten(data)
+def _json_elements(name: str, datatype: str, data: Any, shape: tuple[int, ...]) -> np.ndarray | list[bytes]:
+    count = math.prod(shape)
+    values = _flatten(name, data, max(len(shape) - 1, 0))
     if len(values) != count:
         raise ProtocolError(f"input {name!r}: {len(values)} value(s) for a shape of {count} element(s)")
     if datatype == BYTES:
@@ -171,10 +180,11 @@ def _output(spec: Any, binary_default: bool) -> RequestedOutput:
     return RequestedOutput(spec["name"], binary, k)
 
 
-def parse_request(body: bytes, header_length: str | None, max_elements: int) -> InferRequest:
+def parse_request(body: bytes, header_length: str | None, max_elements: int, max_batch: int) -> InferRequest:
     """An inference request body -> InferRequest, or ProtocolError naming what is wrong.
 
-    `max_elements` bounds each input's declared size before any array is allocated for it.
+    Before any element is decoded or any array allocated, each input's declared size is bounded: at most
+    `max_elements` elements, and at most `max_batch` rows (images) in its first dimension.
     """
     if header_length is not None:
         if not header_length.strip().isdigit() or int(header_length) > len(body):
@@ -213,6 +223,8 @@ def parse_request(body: bytes, header_length: str | None, max_elements: int) -> 
             raise ProtocolError(
                 f"input {name!r}: {count} elements, more than the limit of {max_elements}", "payload_too_large"
             )
+        if shape and shape[0] > max_batch:
+            raise ProtocolError(f"input {name!r}: at most {max_batch} images per request", "too_many_images")
         in_params = spec.get("parameters") or {}
         size = in_params.get("binary_data_size") if isinstance(in_params, dict) else None
         if size is not None:
@@ -221,7 +233,7 @@ def parse_request(body: bytes, header_length: str | None, max_elements: int) -> 
             data = _binary_elements(name, datatype, binary[offset : offset + size], count)
             offset += size
         elif "data" in spec:
-            data = _json_elements(name, datatype, spec["data"], count)
+            data = _json_elements(name, datatype, spec["data"], shape)
         else:
             raise ProtocolError(f"input {name!r} has neither 'data' nor binary_data_size")
         if isinstance(data, np.ndarray):

@@ -10,17 +10,18 @@ Admission, decoding, batching and the error table are the ones of every other ro
 
 # No `from __future__ import annotations` here: FastAPI must see the parameter annotations as objects.
 
+import asyncio
 import contextlib
-import hmac
+import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Path, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.responses import Response
 
+from ..auth import key_check
 from ..errors import ServiceError
 from ..inference import Outputs, run_encoded, run_tensors
 from ..postprocess import softmax
@@ -44,14 +45,14 @@ from .schemas import (
 # The statuses each kind of route can answer (documented in OpenAPI, checked by the schema fuzzer).
 _META_ERRORS = error_responses(401, 404, 422, 503)
 _INFER_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 499, 500, 503, 504)
-_CONTROL_ERRORS = error_responses(400, 401, 404, 422, 503)
+_CONTROL_ERRORS = error_responses(400, 401, 403, 404, 413, 422, 503)
 
+log = logging.getLogger("service.oip")
 TENSOR_INPUT, BYTES_INPUT = "images", "image_bytes"
 PROBABILITIES = "probabilities"
 # Metadata's platform is the OIP specification's name for ONNX; Triton's model configuration has its own.
 PLATFORM, TRITON_PLATFORM, TRITON_BACKEND = "onnx_onnxv1", "onnxruntime_onnx", "onnxruntime"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
-_bearer = HTTPBearer(auto_error=False, description="required only when RESNEST_API_KEY is set")
 
 
 def _server_version() -> str:
@@ -135,19 +136,37 @@ def _outputs(request: InferRequest, served: ServedModel, out: Outputs) -> list[O
     return tensors
 
 
+def _parse(body: bytes, header: str | None, served: ServedModel, max_images: int) -> tuple[InferRequest, str, Any]:
+    """The request, its one input and its outputs checked against the model, before any image is decoded."""
+    size = served.model.card.preprocess.input_size
+    try:
+        parsed = parse_request(body, header, max_images * 3 * size * size, max_images)
+        kind, data = _take_input(parsed, served)
+        asked = {o.name for o in parsed.outputs or ()}
+        if unknown := asked - set(_output_names(served)):
+            raise ProtocolError(f"unknown output(s) {sorted(unknown)}; this model has {_output_names(served)}")
+    except ProtocolError as exc:
+        raise ServiceError(exc.code, str(exc)) from None
+    return parsed, kind, data
+
+
+async def _small_body(request: Request, limit: int = 64 * 1024) -> bytes:
+    """The body of a control request (a few bytes of JSON), refused past `limit` while it streams in."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError("payload_too_large", f"a control request's body is at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def build_oip_router(state: ServiceState) -> APIRouter:
     """The /v2 routes over this app's registry."""
     settings, registry = state.settings, state.registry
     router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
-    def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        if settings.api_key is None:
-            return
-        given = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(given, settings.api_key.get_secret_value().encode()):
-            raise ServiceError("unauthorized", headers={"www-authenticate": "Bearer"})
-
-    guarded = [Depends(require_key)]
+    guarded = [Depends(key_check(settings))]
     Name = Annotated[str, Path(max_length=64, description="the model's name")]
     Version = Annotated[int, Path(ge=1, description="the model version")]
 
@@ -266,20 +285,13 @@ def build_oip_router(state: ServiceState) -> APIRouter:
     async def infer(request: Request, name: str, model_version: int | None) -> Response:
         served = served_for(name, model_version)
         with served.use():
-            size = served.model.card.preprocess.input_size
             body = await request.body()  # bounded by UploadLimitMiddleware, like every upload
-            limit = settings.max_images_per_request * 3 * size * size
-            try:
-                parsed = parse_request(body, request.headers.get("inference-header-content-length"), limit)
-                kind, data = _take_input(parsed, served)
-                if parsed.outputs is not None:  # unknown outputs refused before any image is decoded
-                    names = {o.name for o in parsed.outputs}
-                    if unknown := names - set(_output_names(served)):
-                        raise ProtocolError(
-                            f"unknown output(s) {sorted(unknown)}; this model has {_output_names(served)}"
-                        )
-            except ProtocolError as exc:
-                raise ServiceError(exc.code, str(exc)) from None
+            header = request.headers.get("inference-header-content-length")
+            # Parsing millions of elements takes a while: off the event loop, like decoding.
+            loop = asyncio.get_running_loop()
+            parsed, kind, data = await loop.run_in_executor(
+                state.decode_pool, _parse, body, header, served, settings.max_images_per_request
+            )
             if kind == TENSOR_INPUT:
                 out = await run_tensors(request, state, served, data)  # type: ignore[arg-type]
             else:
@@ -311,6 +323,10 @@ def build_oip_router(state: ServiceState) -> APIRouter:
     # -- repository (Triton's explicit model control) ----------------------------------------------------
     control = {"dependencies": guarded, "responses": _CONTROL_ERRORS}
 
+    def require_control() -> None:
+        if not settings.model_control:  # Triton's default mode: the repository is fixed at start-up
+            raise ServiceError("model_control_disabled")
+
     @router.post(
         "/repository/index",
         summary="Every model on disk or served, with its state",
@@ -318,7 +334,7 @@ def build_oip_router(state: ServiceState) -> APIRouter:
         **control,
     )
     async def repository_index(request: Request) -> Response:
-        body = await request.body()
+        body = await _small_body(request)
         only_ready = False
         if body.strip():
             try:
@@ -337,7 +353,8 @@ def build_oip_router(state: ServiceState) -> APIRouter:
         "/repository/models/{model_name}/load", summary="Load or reload a model", response_model=Empty, **control
     )
     async def repository_load(request: Request, model_name: Name) -> Response:
-        body = await request.body()
+        require_control()
+        body = await _small_body(request)
         if body.strip():
             try:
                 doc = orjson.loads(body)
@@ -354,11 +371,18 @@ def build_oip_router(state: ServiceState) -> APIRouter:
             else:
                 await registry.load_from_repository(model_name)
         except (ModelLoadError, OSError, ValueError) as exc:
-            raise ServiceError("model_load_failed", f"failed to load {model_name!r}: {exc}") from None
+            # The cause (paths, ONNX Runtime's own message) is for the operator's log, not the client.
+            log.error("loading model %r failed: %s", model_name, exc)
+            raise ServiceError(
+                "model_load_failed",
+                f"failed to load {model_name!r} (the server log says why); what was served is unchanged",
+            ) from None
         return _json({})
 
     @router.post("/repository/models/{model_name}/unload", summary="Unload a model", response_model=Empty, **control)
-    async def repository_unload(model_name: Name) -> Response:
+    async def repository_unload(request: Request, model_name: Name) -> Response:
+        require_control()
+        await _small_body(request)
         await registry.unload(model_name)
         return _json({})
 
