@@ -17,9 +17,9 @@ from fastapi import FastAPI, File, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from modelcard import ModelCard
-from service.postprocess import top_k
-from service.preprocess import preprocess
-from service.responses import JSONResponse
+from service.core.postprocess import top_k
+from service.core.preprocess import preprocess
+from service.core.responses import JSONResponse
 
 
 def create_app(model_path: str) -> FastAPI:

@@ -35,7 +35,7 @@ import psutil
 from PIL import Image
 
 from modelcard import ModelCard
-from service.preprocess import preprocess
+from service.core.preprocess import preprocess
 
 from .machine import describe, summary
 

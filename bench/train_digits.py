@@ -40,7 +40,7 @@ from PIL import Image
 
 import models
 from modelcard import ModelCard, ModelCardError, PreprocessConfig
-from service.preprocess import to_tensor
+from service.core.preprocess import to_tensor
 
 LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CHECKPOINT, LABELS_FILE, HELDOUT, HELDOUT_DIR, META = (

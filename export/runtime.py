@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from modelcard import INPUT
-from service.providers import CPU, CUDA, probe_cuda, quiet_ort
+from service.core.providers import CPU, CUDA, probe_cuda, quiet_ort
 
 # A batch -> the graph's outputs in graph order: (logits, embedding), or (embedding,) when headless.
 Runner = Callable[[np.ndarray], tuple[np.ndarray, ...]]

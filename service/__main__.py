@@ -16,10 +16,10 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from . import logs
 from .app import create_app
-from .settings import LATE_REQUEST_WAIT_S, Settings, describe_settings
-from .state import ServiceState
+from .core import logs
+from .core.settings import LATE_REQUEST_WAIT_S, Settings, describe_settings
+from .core.state import ServiceState
 
 log = logging.getLogger("service")
 

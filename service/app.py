@@ -11,19 +11,19 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from .errors import install_handlers
-from .limits import check_memory, check_spool, memory_limit_bytes, rss_bytes
-from .metrics import Metrics
-from .middleware import LingeringCloseMiddleware, RequestContextMiddleware, UploadLimitMiddleware
+from .core.errors import install_handlers
+from .core.limits import check_memory, check_spool, memory_limit_bytes, rss_bytes
+from .core.metrics import Metrics
+from .core.preprocess import configure_pillow
+from .core.repository import RepositoryError, scan
+from .core.runtime import InferenceModel, ModelLoadError
+from .core.settings import Settings
+from .core.state import ServiceState
+from .native.routes import build_router
 from .oip.routes import build_oip_router
 from .oip.schemas import components as oip_components
 from .page import build_page_router
-from .preprocess import configure_pillow
-from .repository import RepositoryError, scan
-from .routes import build_router
-from .runtime import InferenceModel, ModelLoadError
-from .settings import Settings
-from .state import ServiceState
+from .web.middleware import LingeringCloseMiddleware, RequestContextMiddleware, UploadLimitMiddleware
 
 log = logging.getLogger("service")
 # How long a refused upload may keep sending before the server closes on it: enough for a 20 MiB body at

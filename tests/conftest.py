@@ -27,7 +27,7 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """resnest14d at 64x64 with seeded random weights, through the real export pipeline (parity included)."""
     import models
     from export.pipeline import export_model
-    from service.preprocess import PreprocessConfig
+    from service.core.preprocess import PreprocessConfig
 
     model = models.create_model(TINY_VARIANT, seed=0)
     data = model.variant.data

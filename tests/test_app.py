@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 
 from service.app import create_app
-from service.postprocess import softmax
-from service.preprocess import preprocess
-from service.settings import Settings
+from service.core.postprocess import softmax
+from service.core.preprocess import preprocess
+from service.core.settings import Settings
 from tests.conftest import app_client, jpeg, run
 from tests.fakes import FakeModel, fake_outputs
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from service.app import create_app
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
@@ -154,7 +154,7 @@ def test_the_pods_temp_dir_and_memory_hold_the_request_paths_worst_case(name: st
     limit = quantity(c["resources"]["limits"]["memory"])
     need = MODEL_RSS_BYTES + settings.host_memory_bytes(224)
     print(f"\n{name}: worst case {need >> 20} MiB (model {MODEL_RSS_BYTES >> 20} MiB) <= limit {limit >> 20} MiB")
-    assert need <= limit, "the service would refuse to start under this limit (service/limits.py)"
+    assert need <= limit, "the service would refuse to start under this limit (service/core/limits.py)"
     assert quantity(c["resources"]["requests"]["memory"]) <= limit
 
 

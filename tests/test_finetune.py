@@ -16,9 +16,9 @@ import models
 from export.cli import main as export_main
 from export.pipeline import SINGLE_LOGIT
 from modelcard import ModelCard, PreprocessConfig, generic_labels
-from service.preprocess import preprocess
-from service.runtime import ModelLoadError, OrtModel, warm_up
-from service.settings import Settings
+from service.core.preprocess import preprocess
+from service.core.runtime import ModelLoadError, OrtModel, warm_up
+from service.core.settings import Settings
 from tests.reference_transforms import eval_transform
 
 NAME = "resnest14d"

@@ -29,7 +29,7 @@ import models
 from bench import train_digits
 from modelcard import GENERIC_LABELS_WARNING, ModelCard
 from service.app import create_app
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.conftest import ROOT, app_client, run
 from tests.reference_transforms import eval_transform
 

@@ -29,8 +29,8 @@ from schemathesis.specs.openapi.checks import (
 
 from modelcard import PreprocessConfig
 from service.app import create_app
-from service.preprocess import ImageError, preprocess
-from service.settings import Settings
+from service.core.preprocess import ImageError, preprocess
+from service.core.settings import Settings
 from tests.conftest import jpeg
 from tests.fakes import FakeModel
 

@@ -23,9 +23,9 @@ import psutil
 from PIL import Image
 
 from service.app import create_app
-from service.postprocess import softmax
-from service.preprocess import preprocess
-from service.settings import Settings
+from service.core.postprocess import softmax
+from service.core.preprocess import preprocess
+from service.core.settings import Settings
 from tests.conftest import RawAnswer, app_client, parse_answer, run, send_raw, until
 from tests.fakes import FakeModel, fake_outputs
 

@@ -2,7 +2,7 @@
 
 The corpus is generated here (nothing binary is committed): broken, crafted and exotic images, decompression
 bombs whose headers claim huge sizes, malformed multipart bodies, wrong content types and bad parameters. Each
-case carries the (status, code) the error table in service/errors.py documents for it; none may be a 5xx.
+case carries the (status, code) the error table in service/core/errors.py documents for it; none may be a 5xx.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from PIL import Image
 
 from modelcard import ModelCard
 from service.app import create_app
-from service.postprocess import softmax
-from service.preprocess import preprocess
-from service.settings import Settings
+from service.core.postprocess import softmax
+from service.core.preprocess import preprocess
+from service.core.settings import Settings
 from tests.conftest import ROOT, ServerProcess, app_client, jpeg, run
 from tests.fakes import FakeModel
 
@@ -743,7 +743,7 @@ def test_the_service_never_fetches_urls_on_behalf_of_clients(live: Live) -> None
         listener.close()
 
 
-WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # as documented in service/middleware.py
+WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # as documented in service/web/middleware.py
 
 
 def raw_request(port: int, head: bytes) -> tuple[str, list[tuple[str, str]], bytes]:

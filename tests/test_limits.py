@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from service import limits
-from service.batcher import Batcher
-from service.errors import ServiceError
-from service.middleware import UploadLimitMiddleware
-from service.settings import DECODE_BYTES_PER_PIXEL, Settings
+from service.core import limits
+from service.core.batcher import Batcher
+from service.core.errors import ServiceError
+from service.core.settings import DECODE_BYTES_PER_PIXEL, Settings
+from service.web.middleware import UploadLimitMiddleware
 from tests.conftest import ROOT, run
 from tests.fakes import FAKE_SIZE, FakeModel, fake_outputs
 
@@ -172,7 +172,7 @@ def test_without_padding_batches_are_cut_to_warmed_shapes_and_answers_stay_exact
 DECODE_PROBE = """
 import sys
 from modelcard import PreprocessConfig
-from service.preprocess import preprocess
+from service.core.preprocess import preprocess
 def status(key):
     line = next(l for l in open("/proc/self/status") if l.startswith(key))
     return int(line.split()[1]) * 1024

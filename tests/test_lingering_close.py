@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from service.middleware import LingeringCloseMiddleware
+from service.web.middleware import LingeringCloseMiddleware
 from tests.conftest import run, send_raw
 
 MULTIPART = "multipart/form-data; boundary=b0undary"

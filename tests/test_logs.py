@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import logs
+from service.core import logs
 from tests.conftest import jpeg, wait_until
 
 ACCESS_KEYS = {

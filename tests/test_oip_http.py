@@ -18,7 +18,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from modelcard import PreprocessConfig
-from service.preprocess import preprocess
+from service.core.preprocess import preprocess
 from tests.conftest import jpeg
 from tests.test_finetune_digits import digits_model, digits_onnx  # noqa: F401 - fixtures used below
 

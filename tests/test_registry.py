@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import limits
-from service import registry as registry_module
-from service.batcher import BatcherStopped
-from service.errors import ServiceError
-from service.metrics import Metrics
-from service.registry import Registry
-from service.repository import ModelEntry
-from service.runtime import ModelLoadError
-from service.settings import Settings
+from service.core import limits
+from service.core import registry as registry_module
+from service.core.batcher import BatcherStopped
+from service.core.errors import ServiceError
+from service.core.metrics import Metrics
+from service.core.registry import Registry
+from service.core.repository import ModelEntry
+from service.core.runtime import ModelLoadError
+from service.core.settings import Settings
 from tests.conftest import run
 from tests.fakes import FAKE_SIZE, FakeModel
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.repository import RepositoryError, VersionPolicy, parse_version_policy, read_model, scan
+from service.core.repository import RepositoryError, VersionPolicy, parse_version_policy, read_model, scan
 
 
 def lay_out(root: Path, model: str, versions: list[int], config: str | None = None) -> Path:

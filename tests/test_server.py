@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from modelcard import ModelCard
-from service.postprocess import softmax
-from service.preprocess import preprocess
+from service.core.postprocess import softmax
+from service.core.preprocess import preprocess
 from tests.conftest import ROOT, jpeg, run, until
 
 
@@ -164,7 +164,7 @@ def test_invalid_configuration_exits_2_naming_the_setting() -> None:
 
 
 def test_help_documents_every_setting() -> None:
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     out = subprocess.run(
         [sys.executable, "-m", "service", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60

@@ -8,7 +8,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings, describe_settings
+from service.core.settings import Settings, describe_settings
 from tests.conftest import ROOT
 
 
@@ -63,7 +63,7 @@ def test_readme_documents_every_setting() -> None:
 
 def test_service_never_imports_torch() -> None:
     code = (
-        "import sys; import service.app, service.__main__, service.runtime, service.preprocess; "
+        "import sys; import service.app, service.__main__, service.core.runtime, service.core.preprocess; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'models', 'export', 'onnx')); "
         "assert not bad, bad"
     )

@@ -5,7 +5,7 @@ Every model takes one of two inputs: `images`, FP32 [N, 3, S, S], for clients th
 or `image_bytes`, BYTES [N] (or [N, 1]) of encoded image files, decoded and preprocessed exactly as
 /classify does. Outputs: `logits`, `embedding`, and `probabilities` (the softmax /classify scores, computed
 by the service), each as JSON or binary, and with `"classification": k` as "score:index:label" strings.
-Admission, decoding, batching and the error table are the ones of every other route (service/inference.py).
+Admission, decoding, batching and the error table are the ones of every other route (service/core/inference.py).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the parameter annotations as objects.
@@ -21,14 +21,14 @@ import orjson
 from fastapi import APIRouter, Depends, Path, Request
 from starlette.responses import Response
 
-from ..auth import key_check
-from ..errors import ServiceError
-from ..inference import Outputs, run_encoded, run_tensors
-from ..postprocess import softmax
-from ..registry import ServedModel
-from ..repository import RepositoryError, VersionPolicy, read_model
-from ..runtime import CUDA, ModelLoadError
-from ..state import ServiceState
+from ..core.errors import ServiceError
+from ..core.inference import Outputs, run_encoded, run_tensors
+from ..core.postprocess import softmax
+from ..core.registry import ServedModel
+from ..core.repository import RepositoryError, VersionPolicy, read_model
+from ..core.runtime import CUDA, ModelLoadError
+from ..core.state import ServiceState
+from ..web.auth import key_check
 from .codec import BYTES, InferRequest, OutputTensor, ProtocolError, encode_response, parse_request
 from .schemas import (
     INFER_BODY,

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ..errors import ERRORS
+from ..core.errors import ERRORS
 
 
 class OipError(BaseModel):

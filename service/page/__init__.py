@@ -9,7 +9,7 @@ from importlib import resources
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ..errors import ServiceError
+from ..core.errors import ServiceError
 
 # The page's own files, served under /page/; index.html is served at /.
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css", "icon.svg": "image/svg+xml"}

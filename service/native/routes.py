@@ -8,14 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from starlette.responses import Response
 
-from .auth import key_check
-from .errors import ERRORS, ServiceError, error_payload
-from .inference import run_uploads
-from .postprocess import l2_normalize, top_k
-from .responses import JSONResponse
+from ..core.errors import ERRORS, ServiceError, error_payload
+from ..core.inference import run_uploads
+from ..core.postprocess import l2_normalize, top_k
+from ..core.responses import JSONResponse
+from ..core.settings import Settings
+from ..core.state import ServiceState
+from ..web.auth import key_check
 from .schemas import ClassifyResponse, EmbedResponse, ErrorResponse, Health, ModelInfo, Readiness
-from .settings import Settings
-from .state import ServiceState
 
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse, "description": ", ".join(c for c, (s, _) in ERRORS.items() if s == status)}

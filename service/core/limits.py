@@ -1,6 +1,6 @@
 """Start-up checks of the settings against the host they run on: the upload spool's disk and the memory limit.
 
-The settings validate against each other on their own (service/settings.py); these need the machine, and the
+The settings validate against each other on their own (service/core/settings.py); these need the machine, and the
 memory check needs the loaded model, so the app runs it after warm-up, before it reports ready.
 """
 

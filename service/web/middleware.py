@@ -13,12 +13,12 @@ from collections.abc import Callable
 from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ERRORS, ServiceError, error_payload
-from .logs import log_access, request_id_var
-from .metrics import Metrics
-from .page import PATHS as PAGE_PATHS
-from .responses import JSONResponse
-from .state import OIP_INFER
+from ..core.errors import ERRORS, ServiceError, error_payload
+from ..core.logs import log_access, request_id_var
+from ..core.metrics import Metrics
+from ..core.responses import JSONResponse
+from ..core.state import OIP_INFER
+from ..page import PATHS as PAGE_PATHS
 
 REQUEST_ID = "x-request-id"
 _WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
@@ -28,7 +28,7 @@ ROUTES = frozenset(
 # Probes and scrapes come every few seconds from every balancer and Prometheus: their successes are logged at
 # debug, so the access log at info shows what clients asked for.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
-# What the request path leaves in scope["state"] for the access record (service/inference.py).
+# What the request path leaves in scope["state"] for the access record (service/core/inference.py).
 TIMING_KEYS = ("preprocess_ms", "queue_ms", "inference_ms")
 UPLOAD_ROUTES = frozenset({"/classify", "/embed"})
 # The Open Inference Protocol's routes, as metric labels: one per route template, not per model name.

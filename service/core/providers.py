@@ -4,7 +4,7 @@ Asked for the CUDA EP on a machine without CUDA, ONNX Runtime fills the log with
 cannot load, a factory it cannot create) and then silently serves on the CPU; `preload_dlls()` adds a
 "Failed to load" line per missing library. So the libraries the CUDA EP needs are looked for first, with
 ctypes (which raises instead of printing), the EP is only requested when they are all there, and the
-outcome is said once, in the caller's log. Shared by the service (service/runtime.py) and the export's
+outcome is said once, in the caller's log. Shared by the service (service/core/runtime.py) and the export's
 parity run (export/runtime.py). Imports no torch.
 """
 

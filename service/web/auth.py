@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .errors import ServiceError
-from .settings import Settings
+from ..core.errors import ServiceError
+from ..core.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="required only when RESNEST_API_KEY is set")
 

@@ -1,0 +1,1 @@
+"""The service's own HTTP API: /classify and /embed (multipart uploads), /model, health, metrics."""

@@ -1,0 +1,1 @@
+"""ASGI plumbing every HTTP front shares: request ids, access records, upload limits, lingering close."""
