@@ -35,11 +35,16 @@ COPY --from=wheel /wheels /wheels
 RUN --mount=type=cache,target=/root/.cache/pip \
     whl=$(ls /wheels/*.whl) && pip install --extra-index-url https://download.pytorch.org/whl/cpu "${whl}[export]"
 ARG VARIANT=resnest50
+# fp32; fp16 (for runtime-gpu); int8 (for runtime-cpu: static quantization calibrated on the bundled
+# photographs, and the build fails unless its accuracy report against fp32 passes; /models also gets
+# model.accuracy.json). The CUDA EP has no int8 convolution kernels (it runs the QDQ graph in float): int8 is
+# for the CPU image.
 ARG PRECISION=fp32
 ARG CHECKPOINT_URL=
 ARG CHECKPOINT_SHA256=
 # The download cache survives rebuilds (another precision, a fixed typo) without fetching the weights again.
-# The export checks parity against PyTorch and fails the build when the graph disagrees.
+# The export checks parity against PyTorch and fails the build when the graph disagrees (and for int8, when
+# the quantized graph falls below its accuracy thresholds).
 RUN --mount=type=cache,target=/root/.cache/resnest-serve \
     python -m export --variant "$VARIANT" --precision "$PRECISION" --output /models/model.onnx \
         ${CHECKPOINT_URL:+--checkpoint "$CHECKPOINT_URL"} ${CHECKPOINT_SHA256:+--sha256 "$CHECKPOINT_SHA256"} \

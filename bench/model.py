@@ -1,24 +1,34 @@
 """Model-level benchmark: ONNX Runtime on the exported graph vs PyTorch eager, same machine, same weights.
 
     python -m bench.model [--variant resnest50] [--batches 1 8 32 64] [--repeats 5]
+    python -m bench.model --int8 [--batches 1 8 32] [--rounds 5]
 
 Columns: PyTorch eager; ORT on a naive export (the official `resnest` code through torch's legacy exporter,
 as most published ONNX ResNeSts are made); ORT on this project's clean graph. Every figure is the median of
 `repeats` timed runs after one warm-up run. On a GPU the same rows run with CUDA (fp32 and fp16).
+
+`--int8`: the clean fp32 graph against its int8 quantization on the CPU EP (the export's recipe, and the
+recipe with the stem convolutions kept in float for comparison), calibrated on the bundled photographs as
+the export does. The rows take turns, `rounds` times, each in a fresh process, and every figure is the
+median over the rounds: on a machine others share, load drifts within minutes, and taking turns spreads it
+over all rows alike. The load average is recorded before each measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +40,7 @@ import torch
 
 import models
 from export import graph
+from export import quantize as int8
 from export.fp16 import to_fp16
 from export.fuse import fuse
 
@@ -131,11 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads for both (0: all cores)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--int8", action="store_true", help="fp32 vs int8 on the CPU EP (model-int8-cpu.*)")
+    parser.add_argument("--rounds", type=int, default=5, help="--int8: turns each row takes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
+    if args.int8:
+        return int8_main(args)
 
     threads = args.threads or torch.get_num_threads()
     model = models.create_model(args.variant, seed=0)
@@ -219,6 +234,124 @@ def write_results(
         lines.append("- GPU rows: not yet measured (no GPU on this machine).")
     (args.out / f"model-{kind}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+# --- int8 ----------------------------------------------------------------------------------------------------
+
+# The export's recipe, and the alternative the issue measured (the stem in float, 8-bit weights): on a CPU
+# without VNNI that one kept accuracy by avoiding the stem's saturation, at a cost in speed.
+INT8_ROWS = {
+    "ORT CPU, int8 (export recipe)": int8.DEFAULT_RECIPE,
+    "ORT CPU, int8, stem in float, 8-bit weights": dataclasses.replace(
+        int8.DEFAULT_RECIPE, keep_float=("classifier", "stem"), reduce_range=False
+    ),
+}
+FP32_ROW = "ORT CPU, fp32"
+
+
+def int8_main(args: argparse.Namespace) -> int:
+    """fp32 vs int8 rows in turns, each measurement in a fresh process; results as model-int8-<kind>.*."""
+    threads = args.threads or torch.get_num_threads()
+    model = models.create_model(args.variant, seed=0)
+    cfg = model.variant.data
+    clean = graph.trace_to_onnx(fuse(model), cfg.input_size, 18)
+    calibration = int8.calibration_set(None, 8)
+    base = {"variant": args.variant, "size": cfg.input_size, "threads": threads, "batches": args.batches,
+            "repeats": args.repeats, "runtime": "ort", "device": "cpu"}  # fmt: skip
+    samples: dict[str, dict[int, list[float]]] = {}
+    loads: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = [{**base, "name": FP32_ROW, "graph": f"{tmp}/fp32.onnx"}]
+        onnx.save(clean, specs[0]["graph"])
+        recipes = {}
+        for i, (name, recipe) in enumerate(INT8_ROWS.items()):
+            path = f"{tmp}/int8-{i}.onnx"
+            quantized = int8.quantize(clean, calibration.inputs(cfg), recipe)
+            onnx.save(quantized, path)
+            recipes[name] = {**recipe.to_dict(), "float_ops": dict(Counter(int8.float_nodes(quantized).values()))}
+            specs.append({**base, "name": name, "graph": path})
+        for round_ in range(args.rounds):
+            for spec in specs:
+                loads.append(os.getloadavg()[0])
+                print(f"round {round_ + 1}/{args.rounds}, load {loads[-1]:.1f}", file=sys.stderr, flush=True)
+                for n, rate in _measure(spec).items():
+                    samples.setdefault(spec["name"], {}).setdefault(n, []).append(rate)
+    rows = {name: {n: statistics.median(v) for n, v in by.items()} for name, by in samples.items()}
+    write_int8_results(args, rows, samples, recipes, cfg.input_size, threads, loads, len(calibration))
+    return 0
+
+
+def write_int8_results(
+    args: argparse.Namespace,
+    rows: dict[str, dict[int, float]],
+    samples: dict[str, dict[int, list[float]]],
+    recipes: dict[str, dict[str, Any]],
+    size: int,
+    threads: int,
+    loads: list[float],
+    calibration_images: int,
+) -> None:
+    """model-int8-cpu.json and .md: images/s per row and batch, int8/fp32 ratios, the machine and its load."""
+    load = {"min": min(loads), "median": statistics.median(loads), "max": max(loads), "cores": os.cpu_count()}
+    result: dict[str, Any] = {
+        "variant": args.variant, "input_size": size, "threads": threads, "batches": args.batches,
+        "rounds": args.rounds, "repeats_per_round": args.repeats, "calibration_images": calibration_images,
+        "machine": describe(), "load_average_1min": load, "images_per_second": rows, "samples": samples,
+        "recipes": recipes, "speedup_vs_fp32": int8_speedups(samples),
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "model-int8-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = int8_markdown(result)
+    (args.out / "model-int8-cpu.md").write_text(text)
+    print(text)
+
+
+def int8_speedups(samples: dict[str, dict[Any, list[float]]]) -> dict[str, dict[str, float]]:
+    """Per row and batch, the median over rounds of (int8 / fp32 of the same round).
+
+    Rows of one round ran minutes apart at most, rounds up to half an hour: a ratio within a round sees the
+    same load on both sides, a ratio of medians across rounds does not.
+    """
+    fp32 = samples[FP32_ROW]
+    return {
+        name: {str(n): statistics.median(a / b for a, b in zip(by[n], fp32[n], strict=True)) for n in by}
+        for name, by in samples.items()
+        if name != FP32_ROW
+    }
+
+
+def int8_markdown(result: dict[str, Any]) -> str:
+    """The results table of an --int8 run, from its JSON."""
+    machine, load = result["machine"], result["load_average_1min"]
+    batches = [str(n) for n in result["batches"]]
+    rows = {name: {str(n): v for n, v in by.items()} for name, by in result["images_per_second"].items()}
+    flags = ", ".join(machine["cpu_flags"]) or "none reported"
+    vnni = "with VNNI" if any("vnni" in f for f in machine["cpu_flags"]) else "without VNNI"
+    lines = [
+        f"# int8 vs fp32 (CPU): {result['variant']} at {result['input_size']}x{result['input_size']}, images/s",
+        "",
+        f"Machine: {summary(machine)}; {result['threads']} intra-op threads; {machine['date']}.",
+        f"ISA flags: {flags} ({vnni}).",
+        f"Load average (1 min) before each measurement: median {load['median']:.1f}, {load['min']:.1f} to "
+        f"{load['max']:.1f} on {load['cores']} cores: others' jobs shared the machine, so absolute figures are "
+        "low and noisy; the ratios within a round are what count.",
+        f"The rows took turns for {result['rounds']} rounds, each measurement in a fresh process (median of "
+        f"{result['repeats_per_round']} runs after a warm-up); int8 calibrated on {result['calibration_images']} "
+        "bundled photographs as the export does. Weights: seeded random (speed does not depend on them).",
+        "",
+        "Images/s, median over the rounds; in brackets the median over rounds of int8 / fp32 within a round:",
+        "",
+        "| runtime | " + " | ".join(f"batch {n}" for n in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for name, by_batch in rows.items():
+        ratio = result["speedup_vs_fp32"].get(name)
+        cells = [f"{by_batch[n]:.1f}" + (f" ({ratio[n]:.2f}x)" if ratio else "") for n in batches]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, recipe in result["recipes"].items():
+        lines.append(f"- {name}: {json.dumps(recipe)}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

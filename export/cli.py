@@ -10,6 +10,7 @@ from typing import Any
 import models
 from modelcard import (
     INTERPOLATIONS,
+    PRECISIONS,
     RANDOM_WEIGHTS_WARNING,
     LabelsError,
     PreprocessConfig,
@@ -17,6 +18,7 @@ from modelcard import (
     read_labels,
 )
 
+from . import quantize as int8
 from .labels import IMAGENET_CLASSES, resolve_labels
 from .pipeline import SINGLE_LOGIT, ExportError, export_model
 
@@ -33,7 +35,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="weights: a .pth/.safetensors path or an http(s) URL")
     parser.add_argument("--sha256", help="expected SHA-256 of the checkpoint (64 hex digits)")
     parser.add_argument("--output", type=Path, help="output .onnx (default: artifacts/<variant>-<precision>.onnx)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32; fp16 (GPUs); int8 (CPUs: static quantization, calibrated and gated by an accuracy report)",
+    )
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights used without --checkpoint")
     parser.add_argument("--skip-naive", action="store_true", help="do not trace the unfused graph for comparison")
@@ -51,6 +58,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="FILE",
         help="class names in class-index order: one per line (UTF-8), or a JSON list; exactly one per class "
         "(default: ImageNet's for a 1000-class head, class_0 ... otherwise, with a warning)",
+    )
+    quant = parser.add_argument_group("int8 (--precision int8)")
+    quant.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="JPEG/PNG images (subfolders included) to calibrate the activation ranges on, preprocessed as the "
+        "service does; default: the bundled photographs",
+    )
+    quant.add_argument(
+        "--calibration-limit",
+        type=int,
+        default=256,
+        metavar="N",
+        help="calibrate on at most N images of DIR, evenly spaced over its sorted files (default 256)",
+    )
+    quant.add_argument(
+        "--calibration-method",
+        choices=tuple(int8.CALIBRATION_METHODS),
+        default=int8.DEFAULT_RECIPE.calibration,
+        help="how activation ranges are set from the calibration images (default minmax)",
+    )
+    quant.add_argument(
+        "--eval",
+        type=Path,
+        metavar="DIR",
+        help="labelled held-out images, one folder per class named by its label: int8 must keep fp32's accuracy "
+        "on them within 1 point (default: agreement with fp32 on the bundled held-out photographs)",
     )
     pre = parser.add_argument_group("preprocessing (default: the variant's; record what the model was trained with)")
     pre.add_argument("--input-size", type=int, metavar="S", help="square crop the model sees (default keeps crop_pct)")
@@ -105,8 +140,22 @@ def _build(args: argparse.Namespace) -> tuple[models.ResNeSt, dict[str, Any]]:
     return model, {"source": "random", "sha256": "random", "seed": args.seed}
 
 
+def _int8_images(
+    args: argparse.Namespace, cfg: PreprocessConfig
+) -> tuple[int8.ImageSet | None, int8.ImageSet | None, int8.Recipe]:
+    """The calibration and evaluation sets and the recipe the int8 flags ask for (QuantizeInputError if bad)."""
+    if args.precision != "int8":
+        given = [f for f, v in (("--calibration", args.calibration), ("--eval", args.eval)) if v is not None]
+        if given:
+            raise int8.QuantizeInputError(f"{', '.join(given)}: only for --precision int8")
+        return None, None, int8.DEFAULT_RECIPE
+    calibration = int8.calibration_set(args.calibration, args.calibration_limit)
+    calibration.inputs(cfg)  # an undecodable file fails here, before minutes of tracing
+    return calibration, None, int8.Recipe(calibration=args.calibration_method)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one export; exit status 1 when a graph or parity check fails, 2 on bad arguments or weights."""
+    """Run one export; exit status 1 when a graph, parity or int8 accuracy check fails, 2 on bad arguments."""
     args = parse_args(argv)
     variant = models.get_variant(args.variant)
     try:
@@ -115,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, overrides = preprocess_config(args, variant.data)
         if args.labels is not None:
             read_labels(args.labels)  # a malformed file fails here, before minutes of tracing
+        calibration, _, recipe = _int8_images(args, cfg)
     except (ValueError, LabelsError) as exc:
         _log(f"error: {exc}")
         return 2
@@ -141,6 +191,16 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"WARNING: labels that occur more than once in {args.labels}: {', '.join(twice[:10])}")
     if overrides:
         provenance["preprocess_overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+    heldout = None
+    if args.eval is not None:
+        try:  # the folders name classes, so this waits for the labels
+            heldout = int8.labelled_set(args.eval, labels)
+            heldout.inputs(cfg)
+            if calibration is not None:
+                int8.check_unseen(heldout, calibration)
+        except int8.QuantizeInputError as exc:
+            _log(f"error: {exc}")
+            return 2
     try:
         result = export_model(
             model,
@@ -155,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             compare_naive=not args.skip_naive,
             log=_log,
+            calibration=calibration,
+            heldout=heldout,
+            recipe=recipe,
         )
     except ExportError as exc:
         _log(f"FAILED: {exc}")

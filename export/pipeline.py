@@ -19,14 +19,15 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from modelcard import LABEL_SOURCES, ModelCard, PreprocessConfig, check_labels, output_names
+from modelcard import LABEL_SOURCES, PRECISIONS, ModelCard, PreprocessConfig, check_labels, output_names
 from models import ResNeSt
 
 # The service's own decoding and preprocessing, so the photographs in the parity check reach the graph exactly
 # as uploads will.
-from service.preprocess import preprocess
+from service.core.preprocess import preprocess
 
 from . import graph, parity
+from . import quantize as int8
 from .fp16 import to_fp16
 from .fuse import TwoHeads, fuse
 from .labels import resolve_labels
@@ -41,7 +42,7 @@ SINGLE_LOGIT = (
 
 
 class ExportError(RuntimeError):
-    """The graph or its parity failed a check: nothing was written but the parity report."""
+    """The graph, its parity or its int8 accuracy failed a check: nothing was written but the failed report."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ExportResult:
     report: dict[str, Any]
     card: ModelCard
     histograms: dict[str, Counter[str]]
+    accuracy_path: Path | None = None  # int8: the accuracy report against the fp32 graph
+    accuracy: dict[str, Any] | None = None
 
 
 def _stderr(message: str) -> None:
@@ -79,16 +82,32 @@ def export_model(
     seed: int = 0,
     compare_naive: bool = True,
     log: Callable[[str], None] = _stderr,
+    calibration: int8.ImageSet | None = None,
+    heldout: int8.ImageSet | None = None,
+    recipe: int8.Recipe = int8.DEFAULT_RECIPE,
 ) -> ExportResult:
     """Export an eval-mode ResNeSt to `output` (and `<output>.parity.json`); ExportError if a check fails.
 
     `labels` name the model's classes in index order (with `labels_source`, one of modelcard.LABEL_SOURCES);
     without them they follow from the class count (export.labels.resolve_labels). `provenance` is merged into
     the card's export record (labels file, preprocessing overrides).
+
+    int8: the fp32 graph, once its parity is proven, is quantized with `recipe`, calibrated on `calibration`
+    (default: the bundled photographs), and compared with fp32 on `heldout` (default: the held-out
+    photographs; labelled images are also scored), which calibration must not contain; the report goes to
+    `<output>.accuracy.json` and into the card.
     """
     started = time.perf_counter()
     if model.num_classes == 1:
         raise ValueError(SINGLE_LOGIT)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision == "int8":
+        calibration = calibration or int8.calibration_set(None, len(sample_photos()))
+        heldout = heldout or int8.heldout_set()
+        int8.check_unseen(heldout, calibration)  # before minutes of tracing
+        if heldout.labels is not None and not model.num_classes:
+            raise int8.QuantizeInputError("labelled held-out images need a classifier: the model is headless")
     if labels is None:
         labels, labels_source, _ = resolve_labels(model.num_classes)
     labels = check_labels(labels, model.num_classes, "labels")
@@ -96,8 +115,10 @@ def export_model(
         raise ValueError(f"labels_source {labels_source!r} is not one of {LABEL_SOURCES}")
     outputs = output_names(bool(model.num_classes))
 
+    steps = 5 if precision == "int8" else 4
+
     def step(n: int, text: str) -> None:
-        log(f"[{n}/4 {time.perf_counter() - started:5.1f}s] {text}")
+        log(f"[{n}/{steps} {time.perf_counter() - started:5.1f}s] {text}")
 
     step(1, f"fusing and tracing at {cfg.input_size}x{cfg.input_size}, opset {opset}")
     final = graph.trace_to_onnx(fuse(model), cfg.input_size, opset, outputs=outputs)
@@ -112,17 +133,19 @@ def export_model(
     if precision == "fp16":
         final = to_fp16(final)
 
-    step(2, "parity: ONNX Runtime vs PyTorch at batch sizes 1, 3, 8 on random tensors and photographs")
+    # int8 is proven in two steps: the fp32 graph against PyTorch here, then int8 against that graph.
+    graph_precision = "fp32" if precision == "int8" else precision
+    step(2, f"parity ({graph_precision}): ONNX Runtime vs PyTorch at batch sizes 1, 3, 8 on random tensors and "
+            "photographs")  # fmt: skip
     run = runners(final.SerializeToString())
     limits = parity.FP16 if precision == "fp16" else parity.FP32
     report = parity.check(TwoHeads(model), run, parity.batches(photo_batch(cfg), seed, cfg.input_size), limits)
-    report.update(precision=precision, providers=list(run), photos=len(sample_photos()))
+    report.update(precision=graph_precision, providers=list(run), photos=len(sample_photos()))
     # A failed report gets its own name, so it never sits beside an older model as if it described it.
     report_path = output.with_suffix(".parity.json" if report["passed"] else ".parity-failed.json")
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
     log(json.dumps({"providers": list(run), "worst": report["worst"]}, indent=2))
     if not report["passed"]:
+        _write_report(report_path, report)
         failed = [
             f"{case['provider']}/{case['inputs']}/batch {case['batch']}: {case['failures']}"
             for case in report["cases"]
@@ -130,7 +153,46 @@ def export_model(
         ]
         raise ExportError("parity failed:\n  " + "\n  ".join(failed) + f"\nfull report: {report_path}")
 
-    step(3, "writing provenance into the model's metadata")
+    quantization: dict[str, Any] = {}
+    accuracy: dict[str, Any] | None = None
+    accuracy_path: Path | None = None
+    if precision == "int8":
+        assert calibration is not None and heldout is not None
+        step(3, f"int8: calibrating on {len(calibration)} images ({calibration.source}, {recipe.calibration}), "
+                f"then {len(heldout)} held-out images ({heldout.source}) against fp32")  # fmt: skip
+        fp32 = final
+        final = int8.quantize(fp32, calibration.inputs(cfg), recipe)
+        if problems := graph.graph_problems(final, outputs):
+            raise ExportError("int8 graph check failed: " + "; ".join(problems))
+        accuracy = int8.evaluate(fp32.SerializeToString(), final.SerializeToString(), heldout, cfg,
+                                 trained=weights.get("sha256") != "random")  # fmt: skip
+        accuracy_path = output.with_suffix(".accuracy.json" if accuracy["passed"] else ".accuracy-failed.json")
+        log(json.dumps({k: accuracy[k] for k in ("agreement", "accuracy") if k in accuracy}, indent=2))
+        if not accuracy["passed"]:
+            _write_report(accuracy_path, accuracy)
+            raise ExportError("int8 accuracy below its thresholds:\n  " + "\n  ".join(accuracy["failures"])
+                              + f"\nfull report: {accuracy_path}")  # fmt: skip
+        float_nodes = int8.float_nodes(final)
+        hist = graph.op_histogram(final)
+        log(f"int8 graph: {hist['QuantizeLinear']} QuantizeLinear, {hist['DequantizeLinear']} DequantizeLinear; "
+            f"computing in float: {dict(Counter(float_nodes.values()))}")  # fmt: skip
+        quantization = {
+            "tool": f"onnxruntime.quantization.quantize_static (onnxruntime {ort.__version__})",
+            "recipe": recipe.to_dict(),
+            "calibration": {
+                "method": recipe.calibration,
+                "images": len(calibration),
+                "source": calibration.source,
+                "sha256": calibration.digest(),
+            },
+            "float_groups": list(recipe.keep_float),
+            "float_nodes": float_nodes,
+            "float_ops": dict(Counter(float_nodes.values())),
+            "accuracy": {k: v for k, v in accuracy.items() if k not in ("failures", "providers")},
+        }
+        histograms["int8"] = hist
+
+    step(steps - 1, "writing provenance into the model's metadata")
     card = ModelCard(
         variant=model.variant.name,
         preprocess=cfg,
@@ -147,18 +209,31 @@ def export_model(
             "onnxruntime": ort.__version__,
             "python": platform.python_version(),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "nodes": dict(histograms["final"]),
+            "nodes": dict(histograms["int8" if precision == "int8" else "final"]),
             **(provenance or {}),
         },
         parity={k: report[k] for k in ("passed", "precision", "providers", "thresholds", "worst")},
+        quantization=quantization,
     )
     onnx.helper.set_model_props(final, card.to_metadata())
     final.producer_name = "resnest-serve export"
     final.doc_string = card.warning or f"ResNeSt {model.variant.name}"
 
-    step(4, f"saving {output}")
+    step(steps, f"saving {output}")
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     graph.save(final, tmp)
+    # The reports are written with the model they describe, never beside an older one.
+    _write_report(report_path, report)
+    if accuracy_path is not None and accuracy is not None:
+        _write_report(accuracy_path, accuracy)
+    else:
+        output.with_suffix(".accuracy.json").unlink(missing_ok=True)  # an earlier int8 export's, now stale
     os.replace(tmp, output)  # a reader never sees a half-written model
-    log(f"done in {time.perf_counter() - started:.1f}s: {output} ({output.stat().st_size / 1e6:.1f} MB), {report_path}")
-    return ExportResult(output, report_path, report, card, histograms)
+    reports = ", ".join(str(p) for p in (report_path, accuracy_path) if p is not None)
+    log(f"done in {time.perf_counter() - started:.1f}s: {output} ({output.stat().st_size / 1e6:.1f} MB), {reports}")
+    return ExportResult(output, report_path, report, card, histograms, accuracy_path, accuracy)
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

@@ -11,6 +11,7 @@ from .card import (
     FORMAT_VERSION,
     GENERIC_LABELS_WARNING,
     LABEL_SOURCES,
+    PRECISIONS,
     RANDOM_WEIGHTS_WARNING,
     ModelCard,
     ModelCardError,
@@ -21,7 +22,7 @@ from .tensors import EMBEDDING, INPUT, LOGITS, output_names
 
 __all__ = [
     "EMBEDDING", "FORMAT_VERSION", "GENERIC_LABELS_WARNING", "IMAGENET_MEAN", "IMAGENET_STD", "INPUT",
-    "INTERPOLATIONS", "LABEL_SOURCES", "LOGITS", "RANDOM_WEIGHTS_WARNING", "LabelsError", "ModelCard",
+    "INTERPOLATIONS", "LABEL_SOURCES", "LOGITS", "PRECISIONS", "RANDOM_WEIGHTS_WARNING", "LabelsError", "ModelCard",
     "ModelCardError", "PreprocessConfig", "check_labels", "duplicate_labels", "generic_labels", "output_names",
     "parse_labels", "read_labels",
 ]  # fmt: skip

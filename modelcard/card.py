@@ -1,8 +1,8 @@
 """The model card and its ONNX metadata form: what export writes and the service reads back.
 
 Values are strings in ONNX's metadata_props; structured ones are JSON. Format 1 gained optional keys since
-it was first written (num_classes, labels_source): a file without them reads as the 1000-class ImageNet model
-that every such file is, and older readers ignore them.
+it was first written (num_classes, labels_source, quantization): a file without them reads as the 1000-class
+ImageNet fp32 or fp16 model that every such file is, and older readers ignore them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ GENERIC_LABELS_WARNING = (
 # Where the labels came from: the bundled ImageNet-1k list, a labels file given at export, generic
 # class_<i> names (nobody named the classes), or none at all (a headless model has no classes).
 LABEL_SOURCES = ("imagenet", "file", "generic", "none")
+# The graph's arithmetic: float32; float16 (GPU serving, float32 inputs and outputs); int8 (static QDQ
+# quantization for CPUs: int8 weights, uint8 activations, float32 inputs and outputs).
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class ModelCardError(ValueError):
@@ -46,6 +49,9 @@ class ModelCard:
     export: dict[str, Any]
     parity: dict[str, Any] = field(default_factory=dict)
     labels_source: str = "imagenet"
+    # int8 only: the recipe, the calibration (method, images, their digest), the nodes left in float and the
+    # accuracy report against the fp32 graph (export/quantize.py); empty for fp32 and fp16.
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -55,6 +61,11 @@ class ModelCard:
             raise ValueError("a model has labels exactly when it has a classifier (labels_source 'none': no labels)")
         if self.embedding_dim <= 0:
             raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        # An int8 file says how it was quantized and what accuracy it kept, or it is not one the export wrote.
+        if (self.precision == "int8") != bool(self.quantization):
+            raise ValueError("a model carries a quantization record exactly when its precision is int8")
 
     @property
     def num_classes(self) -> int:
@@ -104,6 +115,8 @@ class ModelCard:
             "resnest.export": json.dumps(self.export),
             "resnest.parity": json.dumps(self.parity),
         }
+        if self.quantization:
+            meta["resnest.quantization"] = json.dumps(self.quantization)
         if self.warning:
             meta["resnest.warning"] = self.warning
         return meta
@@ -133,6 +146,7 @@ class ModelCard:
                 weights=json.loads(meta["resnest.weights"]),
                 export=json.loads(meta["resnest.export"]),
                 parity=json.loads(meta.get("resnest.parity", "{}")),
+                quantization=json.loads(meta.get("resnest.quantization", "{}")),
             )
         except LabelsError as exc:
             raise ModelCardError(f"model metadata: {exc}") from exc

@@ -131,6 +131,7 @@ def test_the_server_serves_the_int8_file_unchanged(server_factory, digits_int8: 
     with httpx.Client(base_url=server.url, timeout=60) as client:
         info = client.get("/model").json()
         assert info["precision"] == "int8" and info["num_classes"] == 10 and info["labels"] == LABELS
+        assert info["quantization"] == card.quantization  # the recipe and the accuracy report, as exported
         files = [("images", (p.name, p.read_bytes(), "image/png")) for p in images]
         r = client.post("/classify?top_k=1", files=files)
         assert r.status_code == 200, r.text

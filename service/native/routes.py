@@ -143,6 +143,7 @@ def build_router(state: ServiceState) -> APIRouter:
                 "warning": card.warning,
                 "warnings": card.warnings,
                 "parity": card.parity,
+                "quantization": card.quantization or None,
                 "export": card.export,
             }
         )

@@ -88,4 +88,7 @@ class ModelInfo(BaseModel):
     warning: str | None = Field(description="all warnings in one string (random weights, unnamed classes), or null")
     warnings: list[str] = Field(description="each warning on its own")
     parity: dict[str, Any] = Field(description="the export's parity report summary")
+    quantization: dict[str, Any] | None = Field(
+        description="int8 only: recipe, calibration, nodes left in float and the accuracy report against fp32"
+    )
     export: dict[str, Any]
