@@ -333,8 +333,8 @@ def int8_markdown(result: dict[str, Any]) -> str:
         f"Machine: {summary(machine)}; {result['threads']} intra-op threads; {machine['date']}.",
         f"ISA flags: {flags} ({vnni}).",
         f"Load average (1 min) before each measurement: median {load['median']:.1f}, {load['min']:.1f} to "
-        f"{load['max']:.1f} on {load['cores']} cores: others' jobs shared the machine, so absolute figures are "
-        "low and noisy; the ratios within a round are what count.",
+        f"{load['max']:.1f} on {load['cores']} cores, the measurement's own threads included (about 2): above "
+        "that, others' jobs shared the machine, so absolute figures are noisy; the ratios within a round count.",
         f"The rows took turns for {result['rounds']} rounds, each measurement in a fresh process (median of "
         f"{result['repeats_per_round']} runs after a warm-up); int8 calibrated on {result['calibration_images']} "
         "bundled photographs as the export does. Weights: seeded random (speed does not depend on them).",
