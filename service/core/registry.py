@@ -22,7 +22,7 @@ from .batcher import Batcher
 from .errors import ServiceError
 from .limits import check_memory, memory_limit_bytes, rss_bytes
 from .metrics import Metrics
-from .repository import ModelEntry, RepositoryError, read_model, scan
+from .repository import ModelEntry, RepositoryError, VersionPolicy, read_model, scan
 from .runtime import InferenceModel, ModelLoadError, OrtModel, warm_up
 from .settings import Settings
 
@@ -86,6 +86,7 @@ class Registry:
         self.settings, self.metrics, self.loader = settings, metrics, loader
         self.models: dict[str, dict[int, ServedModel]] = {}
         self.failures: dict[str, str] = {}  # why a model's last load failed
+        self.policies: dict[str, VersionPolicy] = {}  # the version policy each served model was loaded with
         self._lock = asyncio.Lock()  # one load or unload at a time: memory is measured per load
         self._retiring: set[asyncio.Task[None]] = set()
         self.retiring: set[ServedModel] = set()  # replaced versions still finishing their requests
@@ -219,6 +220,7 @@ class Registry:
                 self.failures[entry.name] = str(exc)
                 raise
             self.failures.pop(entry.name, None)
+            self.policies[entry.name] = entry.policy
             self._swap_in(entry.name, built)
             return built
 
@@ -291,6 +293,7 @@ class Registry:
                 served.unloading = True
             await asyncio.gather(*(self._drain(s) for s in versions.values()))
             del self.models[name]
+            self.policies.pop(name, None)
 
     # -- the repository index ----------------------------------------------------------------------------
     def index(self) -> list[IndexEntry]:

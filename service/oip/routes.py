@@ -11,7 +11,6 @@ Admission, decoding, batching and the error table are the ones of every other ro
 # No `from __future__ import annotations` here: FastAPI must see the parameter annotations as objects.
 
 import asyncio
-import contextlib
 import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
@@ -25,7 +24,8 @@ from ..core.errors import ServiceError
 from ..core.inference import Outputs, run_encoded, run_tensors
 from ..core.postprocess import softmax
 from ..core.registry import ServedModel
-from ..core.repository import RepositoryError, VersionPolicy, read_model
+from ..core.repository import VersionPolicy
+from ..core.responses import JSONResponse
 from ..core.runtime import CUDA, ModelLoadError
 from ..core.state import ServiceState
 from ..web.auth import key_check
@@ -60,10 +60,6 @@ def _server_version() -> str:
         return version("resnest-serve")
     except PackageNotFoundError:
         return "0.1.0"
-
-
-def _json(body: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
 def _output_names(served: ServedModel) -> list[str]:
@@ -150,15 +146,22 @@ def _parse(body: bytes, header: str | None, served: ServedModel, max_images: int
     return parsed, kind, data
 
 
-async def _small_body(request: Request, limit: int = 64 * 1024) -> bytes:
-    """The body of a control request (a few bytes of JSON), refused past `limit` while it streams in."""
+async def _control_body(request: Request, limit: int = 64 * 1024) -> dict[str, Any]:
+    """The optional JSON object of a control request, refused past `limit` bytes while it streams in."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise ServiceError("payload_too_large", f"a control request's body is at most {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    if not body.strip():
+        return {}
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ServiceError("invalid_request", "the request body is not valid JSON") from None
+    return doc if isinstance(doc, dict) else {}
 
 
 def build_oip_router(state: ServiceState) -> APIRouter:
@@ -170,13 +173,10 @@ def build_oip_router(state: ServiceState) -> APIRouter:
     Name = Annotated[str, Path(max_length=64, description="the model's name")]
     Version = Annotated[int, Path(ge=1, description="the model version")]
 
-    def served_for(name: str, model_version: int | None) -> ServedModel:
-        return state.resolve(name, model_version)
-
     # -- health and metadata -------------------------------------------------------------------------------
     @router.get("", summary="Server metadata", response_model=ServerMetadata)
     async def server_metadata() -> Response:
-        return _json({"name": "resnest-serve", "version": _server_version(), "extensions": EXTENSIONS})
+        return JSONResponse({"name": "resnest-serve", "version": _server_version(), "extensions": EXTENSIONS})
 
     @router.get(
         "/health/live",
@@ -187,7 +187,7 @@ def build_oip_router(state: ServiceState) -> APIRouter:
     async def live() -> Response:
         if state.worker_dead:
             raise ServiceError("not_ready", "a batch worker died")
-        return _json({"live": True})
+        return JSONResponse({"live": True})
 
     @router.get(
         "/health/ready",
@@ -199,31 +199,29 @@ def build_oip_router(state: ServiceState) -> APIRouter:
         reasons = state.not_ready_reasons()
         if reasons:
             raise ServiceError("draining" if state.draining else "not_ready", "; ".join(reasons))
-        return _json({"ready": True})
+        return JSONResponse({"ready": True})
 
     async def model_metadata(name: str, model_version: int | None) -> Response:
-        served = served_for(name, model_version)
+        served = state.resolve(name, model_version)
         inputs, outputs = _tensor_meta(served)
         versions = [str(v) for v in sorted(registry.models.get(served.name, {}))]
-        return _json(
+        return JSONResponse(
             {"name": served.name, "versions": versions, "platform": PLATFORM, "inputs": inputs, "outputs": outputs}
         )
 
     async def model_ready(name: str, model_version: int | None) -> Response:
-        served = served_for(name, model_version)
+        served = state.resolve(name, model_version)
         if not served.ready:
             raise ServiceError("not_ready", f"model {name!r} version {served.version} is not ready")
-        return _json({"name": served.name, "version": str(served.version), "ready": True})
+        return JSONResponse({"name": served.name, "version": str(served.version), "ready": True})
 
     async def model_config(name: str, model_version: int | None) -> Response:
-        served = served_for(name, model_version)
+        served = state.resolve(name, model_version)
         card = served.model.card
         size = card.preprocess.input_size
         _, outputs = _tensor_meta(served)
-        policy = VersionPolicy()  # the one-file shortcut serves version 1 only
-        if settings.model_repository is not None:
-            with contextlib.suppress(RepositoryError, OSError):  # a folder removed since: what is served stands
-                policy = read_model(settings.model_repository / served.name).policy
+        # As loaded (the one-file shortcut and injected models: version 1 only), not as the disk says now.
+        policy = registry.policies.get(served.name, VersionPolicy())
         config = {
             "name": served.name,
             "platform": TRITON_PLATFORM,
@@ -242,7 +240,7 @@ def build_oip_router(state: ServiceState) -> APIRouter:
             "instance_group": [{"count": 1, "kind": "KIND_GPU" if served.model.providers[0] == CUDA else "KIND_CPU"}],
             "parameters": {"variant": {"string_value": card.variant}, "precision": {"string_value": card.precision}},
         }
-        return _json(config)
+        return JSONResponse(config)
 
     # Each model route twice, with and without /versions/{v}, as the protocol has them.
     meta = {"responses": _META_ERRORS, "dependencies": guarded}
@@ -283,7 +281,7 @@ def build_oip_router(state: ServiceState) -> APIRouter:
 
     # -- inference -----------------------------------------------------------------------------------------
     async def infer(request: Request, name: str, model_version: int | None) -> Response:
-        served = served_for(name, model_version)
+        served = state.resolve(name, model_version)
         with served.use():
             body = await request.body()  # bounded by UploadLimitMiddleware, like every upload
             header = request.headers.get("inference-header-content-length")
@@ -334,35 +332,21 @@ def build_oip_router(state: ServiceState) -> APIRouter:
         **control,
     )
     async def repository_index(request: Request) -> Response:
-        body = await _small_body(request)
-        only_ready = False
-        if body.strip():
-            try:
-                doc = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                raise ServiceError("invalid_request", "the request body is not valid JSON") from None
-            only_ready = isinstance(doc, dict) and doc.get("ready") is True
+        only_ready = (await _control_body(request)).get("ready") is True
         rows = [
             {"name": r.name, "version": r.version, "state": r.state, **({"reason": r.reason} if r.reason else {})}
             for r in registry.index()
             if not only_ready or r.state == "READY"
         ]
-        return _json(rows)
+        return JSONResponse(rows)
 
     @router.post(
         "/repository/models/{model_name}/load", summary="Load or reload a model", response_model=Empty, **control
     )
     async def repository_load(request: Request, model_name: Name) -> Response:
         require_control()
-        body = await _small_body(request)
-        if body.strip():
-            try:
-                doc = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                raise ServiceError("invalid_request", "the request body is not valid JSON") from None
-            params = doc.get("parameters") if isinstance(doc, dict) else None
-            if params:
-                raise ServiceError("invalid_request", "load parameters (config or file overrides) are not supported")
+        if (await _control_body(request)).get("parameters"):
+            raise ServiceError("invalid_request", "load parameters (config or file overrides) are not supported")
         try:
             if settings.model_repository is None:
                 if model_name != settings.single_model_name():
@@ -377,13 +361,13 @@ def build_oip_router(state: ServiceState) -> APIRouter:
                 "model_load_failed",
                 f"failed to load {model_name!r} (the server log says why); what was served is unchanged",
             ) from None
-        return _json({})
+        return JSONResponse({})
 
     @router.post("/repository/models/{model_name}/unload", summary="Unload a model", response_model=Empty, **control)
     async def repository_unload(request: Request, model_name: Name) -> Response:
         require_control()
-        await _small_body(request)
+        await _control_body(request)
         await registry.unload(model_name)
-        return _json({})
+        return JSONResponse({})
 
     return router
