@@ -2,6 +2,7 @@
 
     python -m bench.model [--variant resnest50] [--batches 1 8 32 64] [--repeats 5]
     python -m bench.model --int8 [--batches 1 8 32] [--rounds 5]
+    python -m bench.model --uint8 [--variant resnest50] [--batches 1 8 32] [--repeats 5]
 
 Columns: PyTorch eager; ORT on a naive export (the official `resnest` code through torch's legacy exporter,
 as most published ONNX ResNeSts are made); ORT on this project's clean graph. Every figure is the median of
@@ -12,6 +13,15 @@ recipe with the stem convolutions kept in float for comparison), calibrated on t
 the export does. The rows take turns, `rounds` times, each in a fresh process, and every figure is the
 median over the rounds: on a machine others share, load drifts within minutes, and taking turns spreads it
 over all rows alike. The load average is recorded before each measurement.
+
+On a GPU the main run adds the service's own runtime (service.core.runtime.OrtModel) on the fp16 graph with
+IO binding, with and without CUDA graphs (one captured per batch shape in warm-up), so the ceiling figures
+are those of the code that serves.
+
+`--uint8`: what device-side preprocessing (export --input-format uint8-nhwc) saves: host preprocessing per
+image (500 px JPEGs: decode, resize and crop, then the float conversion or not; JPEG draft mode and Pillow's
+reducing_gap beside them), bytes per image handed to the runtime, and the model's own time with each input
+format, on the CPU EP and, where there is one, CUDA fp16. Results: model-uint8-<kind>.json and .md.
 """
 
 from __future__ import annotations
@@ -41,8 +51,10 @@ import torch
 import models
 from export import graph
 from export import quantize as int8
+from export.device_input import as_format, uint8_nhwc_input
 from export.fp16 import to_fp16
 from export.fuse import fuse
+from modelcard import FLOAT32_NCHW, UINT8_NHWC, ModelCard, PreprocessConfig
 
 from .machine import describe, summary
 
@@ -104,6 +116,38 @@ def torch_runner(model: torch.nn.Module, device: str, half: bool) -> Runner:
     return run
 
 
+def with_card(model: onnx.ModelProto, variant: str, cfg: PreprocessConfig, precision: str) -> onnx.ModelProto:
+    """`model` with a model card in its metadata, so the service's runtime can load it (random weights)."""
+    net = models.create_model(variant, seed=0)
+    card = ModelCard(
+        variant=variant, preprocess=cfg, labels=tuple(f"class_{i}" for i in range(net.num_classes)),
+        labels_source="generic", embedding_dim=net.num_features, precision=precision,
+        weights={"source": "random", "sha256": "random", "seed": 0}, export={"bench": "bench.model"},
+    )  # fmt: skip
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    onnx.helper.set_model_props(out, card.to_metadata())
+    return out
+
+
+def service_runner(path: str, batches: list[int], threads: int, cuda_graphs: bool) -> Runner | None:
+    """The service's own runtime (OrtModel, IO binding) on `path`, warmed for `batches` as the registry does."""
+    from service.core.runtime import CUDA, OrtModel, warm_up
+    from service.core.settings import Settings
+
+    settings = Settings(
+        model_path=Path(path), intra_op_threads=threads, io_binding=True, cuda_graphs=cuda_graphs,
+        max_batch_size=max(batches), grpc_enabled=False, max_queue_size=max(64, max(batches)),
+        max_images_per_request=min(16, max(batches)),
+    )  # fmt: skip
+    model = OrtModel(settings)
+    print(f"service runtime: {json.dumps(model.acceleration)}", file=sys.stderr, flush=True)
+    if model.providers[0] != CUDA:
+        return None  # these rows are about the CUDA path: on the CPU EP they would repeat the ORT CPU row
+    warm_up(model, settings.batch_shapes())
+    return model.infer
+
+
 def _worker(spec: dict[str, Any]) -> dict[int, float]:
     """Measure one row in this (fresh) process, so no other runtime's threads compete with it."""
     threads = spec["threads"]
@@ -113,6 +157,8 @@ def _worker(spec: dict[str, Any]) -> dict[int, float]:
     gpu = spec["device"] == "cuda"
     if spec["runtime"] == "torch":
         runner: Runner | None = torch_runner(models.create_model(spec["variant"], seed=0), spec["device"], spec["half"])
+    elif spec["runtime"] == "service":
+        runner = service_runner(spec["graph"], spec["batches"], threads, spec.get("cuda_graphs", False))
     else:
         provider = "CUDAExecutionProvider" if gpu else "CPUExecutionProvider"
         runner = ort_runner(onnx.load(spec["graph"]), provider, threads)
@@ -121,7 +167,10 @@ def _worker(spec: dict[str, Any]) -> dict[int, float]:
     sync = torch.cuda.synchronize if gpu and spec["runtime"] == "torch" else (lambda: None)
     out = {}
     for n in spec["batches"]:
-        batch = rng.standard_normal((n, 3, size, size), dtype=np.float32)
+        if spec.get("input") == UINT8_NHWC:
+            batch = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        else:
+            batch = rng.standard_normal((n, 3, size, size), dtype=np.float32)
         out[n] = time_runs(runner, batch, spec["repeats"], sync)
         print(f"{spec['name']:32s} batch {n:3d}: {out[n]:8.1f} img/s", file=sys.stderr, flush=True)
     return out
@@ -144,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--int8", action="store_true", help="fp32 vs int8 on the CPU EP (model-int8-cpu.*)")
     parser.add_argument("--rounds", type=int, default=5, help="--int8: turns each row takes")
+    parser.add_argument(
+        "--gpu-only", action="store_true", help="on a GPU, leave out the CPU rows (a short device lease)"
+    )
+    parser.add_argument("--uint8", action="store_true", help="what uint8-nhwc input saves (model-uint8-<kind>.*)")
+    parser.add_argument("--images", type=int, default=8, help="--uint8: 500 px JPEGs timed through the host path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -151,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.int8:
         return int8_main(args)
+    if args.uint8:
+        return uint8_main(args)
 
     threads = args.threads or torch.get_num_threads()
     model = models.create_model(args.variant, seed=0)
@@ -165,13 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     base = {"variant": args.variant, "size": size, "threads": threads, "batches": args.batches, "repeats": args.repeats}
     rows: dict[str, dict[int, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        specs = [{**base, "name": "torch eager (CPU)", "runtime": "torch", "device": "cpu", "half": False}]
+        cpu_rows = not (gpu and args.gpu_only)
+        specs = [{**base, "name": "torch eager (CPU)", "runtime": "torch", "device": "cpu", "half": False}] * cpu_rows
         for name, g in graphs.items():
             if g is None:
                 continue
             path = f"{tmp}/{name}.onnx"
             onnx.save(g, path)
-            specs.append({**base, "name": f"ORT CPU, {name} graph", "runtime": "ort", "device": "cpu", "graph": path})
+            if cpu_rows:
+                specs.append({**base, "name": f"ORT CPU, {name} graph", "runtime": "ort", "device": "cpu",
+                              "graph": path})  # fmt: skip
             if gpu:
                 half = f"{tmp}/{name}-fp16.onnx"
                 onnx.save(to_fp16(g), half)
@@ -183,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
             specs.append(
                 {**base, "name": "torch eager fp16 (CUDA)", "runtime": "torch", "device": "cuda", "half": True}
             )
+            # The code that serves: OrtModel on the clean fp16 graph, IO binding, with and without CUDA graphs.
+            served = f"{tmp}/served-fp16.onnx"
+            onnx.save(with_card(to_fp16(clean), args.variant, model.variant.data, "fp16"), served)
+            for graphs in (False, True):
+                name = "service runtime fp16 (CUDA), IO binding" + (" + CUDA graphs" if graphs else "")
+                specs.append({**base, "name": name, "runtime": "service", "device": "cuda", "graph": served,
+                              "cuda_graphs": graphs})  # fmt: skip
         for spec in specs:
             measured = _measure(spec)
             if measured:
@@ -203,7 +269,7 @@ def write_results(
 ) -> None:
     """JSON and a markdown table under args.out, named by device."""
     machine = describe()
-    baseline = rows["torch eager (CPU)"]
+    baseline = rows.get("torch eager (CPU)")
     hist = {k: graph.op_histogram(g) for k, g in graphs.items() if g is not None}
     result: dict[str, Any] = {
         "variant": args.variant, "input_size": size, "threads": threads, "repeats": args.repeats,
@@ -225,15 +291,147 @@ def write_results(
         lines.append(f"| {name} | " + " | ".join(f"{by_batch[n]:.1f}" for n in args.batches) + " |")
     lines.append("")
     for name, by_batch in rows.items():
-        if name.startswith("ORT CPU"):
+        if name.startswith("ORT CPU") and baseline:
             ratios = ", ".join(f"batch {n} {by_batch[n] / baseline[n]:.2f}x" for n in args.batches)
             lines.append(f"- {name} vs torch eager: {ratios}")
     nodes = ", ".join(f"{k} {v} nodes ({result['shape_ops'][k]} Shape)" for k, v in result["nodes"].items())
     lines.append(f"- Graphs: {nodes}.")
     if not gpu:
-        lines.append("- GPU rows: not yet measured (no GPU on this machine).")
+        lines.append("- GPU rows (ORT CUDA fp32/fp16, with and without CUDA graphs; torch eager fp16): not measured "
+                     "(no GPU on this machine).")  # fmt: skip
     (args.out / f"model-{kind}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+# --- uint8-nhwc input (device-side preprocessing) -------------------------------------------------------------
+
+
+def upload_jpegs(count: int, longer_side: int = 500) -> list[bytes]:
+    """The bundled photographs as JPEG (quality 90), longer side `longer_side` px, as typical uploads are."""
+    from PIL import Image
+
+    from export.photos import sample_photos
+
+    out = []
+    for _, data in sample_photos()[:count]:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        scale = longer_side / max(img.size)
+        img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def host_cost(blobs: list[bytes], cfg: PreprocessConfig, repeats: int, **options: Any) -> float:
+    """Median over `repeats` passes of the mean microseconds per image of the service's host preprocessing."""
+    from service.core.preprocess import preprocess
+
+    passes = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for blob in blobs:
+            preprocess(blob, cfg, 40_000_000, **options)
+        passes.append((time.perf_counter() - start) / len(blobs) * 1e6)
+    return statistics.median(passes[1:])  # the first pass warms Pillow's and numpy's caches
+
+
+def uint8_main(args: argparse.Namespace) -> int:
+    """Host cost, bytes and model time of float32-nchw against uint8-nhwc input; model-uint8-<kind>.*."""
+    threads = args.threads or torch.get_num_threads()
+    model = models.create_model(args.variant, seed=0)
+    cfg = model.variant.data
+    size = cfg.input_size
+    float_cfg, u8_cfg = as_format(cfg, FLOAT32_NCHW), as_format(cfg, UINT8_NHWC)
+    blobs = upload_jpegs(args.images)
+    host = {
+        "float32-nchw (decode, resize, crop, normalise)": host_cost(blobs, float_cfg, args.repeats),
+        "uint8-nhwc (decode, resize, crop)": host_cost(blobs, u8_cfg, args.repeats),
+        "uint8-nhwc + JPEG draft": host_cost(blobs, u8_cfg, args.repeats, draft=True),
+        "uint8-nhwc + reducing_gap 2.0": host_cost(blobs, u8_cfg, args.repeats, reducing_gap=2.0),
+    }
+    # Draft mode and reducing_gap act only where the image is at least twice the resize target: 500 px
+    # uploads (resized to 256) are not, so the same photographs at 2000 px show what they do there.
+    large = upload_jpegs(args.images, longer_side=2000)
+    host |= {
+        "2000 px: float32-nchw": host_cost(large, float_cfg, args.repeats),
+        "2000 px: uint8-nhwc": host_cost(large, u8_cfg, args.repeats),
+        "2000 px: uint8-nhwc + JPEG draft": host_cost(large, u8_cfg, args.repeats, draft=True),
+        "2000 px: uint8-nhwc + reducing_gap 2.0": host_cost(large, u8_cfg, args.repeats, reducing_gap=2.0),
+    }
+    for name, us in host.items():
+        print(f"host {name}: {us:.0f} us/image", file=sys.stderr, flush=True)
+    clean = graph.trace_to_onnx(fuse(model), size, 18)
+    gpu = torch.cuda.is_available()
+    base = {"variant": args.variant, "size": size, "threads": threads, "batches": args.batches,
+            "repeats": args.repeats, "runtime": "ort"}  # fmt: skip
+    rows: dict[str, dict[int, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = [] if gpu and args.gpu_only else [("CPU", "cpu", "fp32", clean)]
+        if gpu:
+            variants.append(("CUDA", "cuda", "fp16", to_fp16(clean)))
+        specs = []
+        for ep, device, precision, g in variants:
+            for fmt, graph_ in ((FLOAT32_NCHW, g), (UINT8_NHWC, uint8_nhwc_input(g, u8_cfg))):
+                path = f"{tmp}/{device}-{precision}-{fmt}.onnx"
+                onnx.save(graph_, path)
+                specs.append({**base, "name": f"ORT {ep} {precision}, {fmt} input", "device": device, "graph": path,
+                              "input": fmt})  # fmt: skip
+        for spec in specs:
+            if measured := _measure(spec):
+                rows[spec["name"]] = measured
+    result: dict[str, Any] = {
+        "variant": args.variant, "input_size": size, "threads": threads, "repeats": args.repeats,
+        "machine": describe(), "upload_jpegs": {"count": len(blobs), "longer_side_px": 500, "quality": 90,
+                                                "mean_bytes": statistics.mean(len(b) for b in blobs)},
+        "host_us_per_image": host,
+        "bytes_per_image": {FLOAT32_NCHW: 3 * size * size * 4, UINT8_NHWC: 3 * size * size},
+        "images_per_second": rows, "float_cfg": float_cfg.to_dict(),
+    }  # fmt: skip
+    kind = "gpu" if gpu else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"model-uint8-{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = uint8_markdown(result, gpu)
+    (args.out / f"model-uint8-{kind}.md").write_text(text)
+    print(text)
+    return 0
+
+
+def uint8_markdown(result: dict[str, Any], gpu: bool) -> str:
+    """The tables of a --uint8 run, from its JSON."""
+    machine = result["machine"]
+    batches = sorted({int(n) for by in result["images_per_second"].values() for n in by})
+    host = result["host_us_per_image"]
+    (float_us, u8_us), nbytes = list(host.values())[:2], result["bytes_per_image"]
+    lines = [
+        f"# uint8-nhwc input vs float32-nchw: {result['variant']} at {result['input_size']}x{result['input_size']}",
+        "",
+        f"Machine: {summary(machine)}; {result['threads']} intra-op threads; {machine['date']}.",
+        f"ISA flags: {', '.join(machine['cpu_flags']) or 'none reported'}.",
+        f"Uploads: {result['upload_jpegs']['count']} bundled photographs as 500 px JPEGs (quality 90, mean "
+        f"{result['upload_jpegs']['mean_bytes'] / 1024:.0f} KiB; the 2000 px rows: the same photographs "
+        f"upscaled). Host figures: one thread, median of {result['repeats']} passes.",
+        "",
+        "| host preprocessing | us/image | vs float32-nchw |",
+        "|---|---|---|",
+        *(
+            f"| {name} | {us:.0f} | {us / host.get(name.split(':')[0] + ': float32-nchw', float_us):.2f}x |"
+            for name, us in host.items()
+        ),
+        "",
+        f"Bytes per image handed to the runtime (and copied to a GPU): float32-nchw {nbytes[FLOAT32_NCHW]:,}, "
+        f"uint8-nhwc {nbytes[UINT8_NHWC]:,} (4x fewer). Host time saved per image: {float_us - u8_us:.0f} us "
+        f"({1 - u8_us / float_us:.0%}).",
+        "",
+        "| model (session.run, images/s) | " + " | ".join(f"batch {n}" for n in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for name, by in result["images_per_second"].items():
+        by = {int(k): v for k, v in by.items()}
+        lines.append(f"| {name} | " + " | ".join(f"{by[n]:.1f}" if n in by else "-" for n in batches) + " |")
+    if not gpu:
+        lines += ["", "- CUDA rows: not measured (no GPU on this machine)."]
+    return "\n".join(lines) + "\n"
 
 
 # --- int8 ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from typing import Any
 
 import models
 from modelcard import (
+    FLOAT32_NCHW,
+    INPUT_FORMATS,
     INTERPOLATIONS,
     PRECISIONS,
     RANDOM_WEIGHTS_WARNING,
@@ -44,6 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights used without --checkpoint")
     parser.add_argument("--skip-naive", action="store_true", help="do not trace the unfused graph for comparison")
+    parser.add_argument(
+        "--input-format",
+        choices=INPUT_FORMATS,
+        default=FLOAT32_NCHW,
+        help="the graph's input: float32-nchw (normalised on the host), or uint8-nhwc (the decoded, resized and "
+        "cropped RGB bytes; cast, normalised and transposed on the device, checked against the float graph)",
+    )
     head = parser.add_argument_group("classes (fine-tuned and headless checkpoints)")
     head.add_argument(
         "--num-classes",
@@ -218,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             calibration=calibration,
             heldout=heldout,
             recipe=recipe,
+            input_format=args.input_format,
         )
     except ExportError as exc:
         _log(f"FAILED: {exc}")

@@ -19,7 +19,16 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from modelcard import LABEL_SOURCES, PRECISIONS, ModelCard, PreprocessConfig, check_labels, output_names
+from modelcard import (
+    FLOAT32_NCHW,
+    INPUT_FORMATS,
+    LABEL_SOURCES,
+    PRECISIONS,
+    ModelCard,
+    PreprocessConfig,
+    check_labels,
+    output_names,
+)
 from models import ResNeSt
 
 # The service's own decoding and preprocessing, so the photographs in the parity check reach the graph exactly
@@ -28,6 +37,7 @@ from service.core.preprocess import preprocess
 
 from . import graph, parity
 from . import quantize as int8
+from .device_input import as_format, check_input_parity, uint8_batches, uint8_nhwc_input
 from .fp16 import to_fp16
 from .fuse import TwoHeads, fuse
 from .labels import resolve_labels
@@ -85,6 +95,7 @@ def export_model(
     calibration: int8.ImageSet | None = None,
     heldout: int8.ImageSet | None = None,
     recipe: int8.Recipe = int8.DEFAULT_RECIPE,
+    input_format: str | None = None,
 ) -> ExportResult:
     """Export an eval-mode ResNeSt to `output` (and `<output>.parity.json`); ExportError if a check fails.
 
@@ -96,6 +107,10 @@ def export_model(
     (default: the bundled photographs), and compared with fp32 on `heldout` (default: the held-out
     photographs; labelled images are also scored), which calibration must not contain; the report goes to
     `<output>.accuracy.json` and into the card.
+
+    `input_format` (default: `cfg`'s) "uint8-nhwc": the proven graph gets a uint8 [N, S, S, 3] input that it
+    casts, normalises and transposes itself (export/device_input.py), checked against the float graph on the
+    service's host preprocessing of the photographs; the card records the format, so the service feeds bytes.
     """
     started = time.perf_counter()
     if model.num_classes == 1:
@@ -114,8 +129,14 @@ def export_model(
     if labels_source not in LABEL_SOURCES:
         raise ValueError(f"labels_source {labels_source!r} is not one of {LABEL_SOURCES}")
     outputs = output_names(bool(model.num_classes))
+    fmt = input_format or cfg.input_format
+    if fmt not in INPUT_FORMATS:
+        raise ValueError(f"input_format {fmt!r} is not one of {INPUT_FORMATS}")
+    # Tracing, parity, calibration and int8 evaluation all run on the float graph with float inputs.
+    float_cfg, cfg = as_format(cfg, FLOAT32_NCHW), as_format(cfg, fmt)
+    device_input = fmt != FLOAT32_NCHW
 
-    steps = 5 if precision == "int8" else 4
+    steps = 4 + (precision == "int8") + device_input
 
     def step(n: int, text: str) -> None:
         log(f"[{n}/{steps} {time.perf_counter() - started:5.1f}s] {text}")
@@ -139,7 +160,7 @@ def export_model(
             "photographs")  # fmt: skip
     run = runners(final.SerializeToString())
     limits = parity.FP16 if precision == "fp16" else parity.FP32
-    report = parity.check(TwoHeads(model), run, parity.batches(photo_batch(cfg), seed, cfg.input_size), limits)
+    report = parity.check(TwoHeads(model), run, parity.batches(photo_batch(float_cfg), seed, cfg.input_size), limits)
     report.update(precision=graph_precision, providers=list(run), photos=len(sample_photos()))
     # A failed report gets its own name, so it never sits beside an older model as if it described it.
     report_path = output.with_suffix(".parity.json" if report["passed"] else ".parity-failed.json")
@@ -161,10 +182,10 @@ def export_model(
         step(3, f"int8: calibrating on {len(calibration)} images ({calibration.source}, {recipe.calibration}), "
                 f"then {len(heldout)} held-out images ({heldout.source}) against fp32")  # fmt: skip
         fp32 = final
-        final = int8.quantize(fp32, calibration.inputs(cfg), recipe)
+        final = int8.quantize(fp32, calibration.inputs(float_cfg), recipe)
         if problems := graph.graph_problems(final, outputs):
             raise ExportError("int8 graph check failed: " + "; ".join(problems))
-        accuracy = int8.evaluate(fp32.SerializeToString(), final.SerializeToString(), heldout, cfg,
+        accuracy = int8.evaluate(fp32.SerializeToString(), final.SerializeToString(), heldout, float_cfg,
                                  trained=weights.get("sha256") != "random")  # fmt: skip
         accuracy_path = output.with_suffix(".accuracy.json" if accuracy["passed"] else ".accuracy-failed.json")
         log(json.dumps({k: accuracy[k] for k in ("agreement", "accuracy") if k in accuracy}, indent=2))
@@ -192,6 +213,28 @@ def export_model(
         }
         histograms["int8"] = hist
 
+    input_report: dict[str, Any] | None = None
+    if device_input:
+        step(steps - 2, f"{fmt} input: cast, normalise and transpose in the graph; parity against the float graph")
+        float_graph = final.SerializeToString()
+        final = uint8_nhwc_input(final, cfg)
+        if problems := graph.graph_problems(final, outputs):
+            raise ExportError(f"{fmt} graph check failed: " + "; ".join(problems))
+        photos_float = photo_batch(float_cfg)
+        photos_u8 = photo_batch(cfg)  # the same files, through the service's uint8 host preprocessing
+        float_inputs = {n: photos_float[np.arange(n) % len(photos_float)] for n in parity.BATCH_SIZES}
+        input_report = check_input_parity(runners(float_graph), runners(final.SerializeToString()), float_inputs,
+                                          uint8_batches(photos_u8, seed, cfg.input_size), cfg)  # fmt: skip
+        report["input_format"] = input_report
+        log(json.dumps({"input_format": fmt, "worst": input_report["worst"]}, indent=2))
+        if not input_report["passed"]:
+            report["passed"] = False
+            failed_path = output.with_suffix(".parity-failed.json")
+            _write_report(failed_path, report)
+            failed = [f"{c['provider']}/{c['inputs']}/batch {c['batch']}: {c['failures']}"
+                      for c in input_report["cases"] if c["failures"]]  # fmt: skip
+            raise ExportError(f"{fmt} input parity failed:\n  " + "\n  ".join(failed) + f"\nfull report: {failed_path}")
+
     step(steps - 1, "writing provenance into the model's metadata")
     card = ModelCard(
         variant=model.variant.name,
@@ -210,9 +253,17 @@ def export_model(
             "python": platform.python_version(),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "nodes": dict(histograms["int8" if precision == "int8" else "final"]),
+            "input_format": fmt,
             **(provenance or {}),
         },
-        parity={k: report[k] for k in ("passed", "precision", "providers", "thresholds", "worst")},
+        parity={
+            **{k: report[k] for k in ("passed", "precision", "providers", "thresholds", "worst")},
+            **(
+                {"input_format": {k: input_report[k] for k in ("passed", "input_format", "reference", "worst")}}
+                if input_report
+                else {}
+            ),
+        },
         quantization=quantization,
     )
     onnx.helper.set_model_props(final, card.to_metadata())

@@ -17,12 +17,20 @@ from .card import (
     ModelCardError,
 )
 from .labels import LabelsError, check_labels, duplicate_labels, generic_labels, parse_labels, read_labels
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, PreprocessConfig
+from .preprocess import (
+    FLOAT32_NCHW,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INPUT_FORMATS,
+    INTERPOLATIONS,
+    UINT8_NHWC,
+    PreprocessConfig,
+)
 from .tensors import EMBEDDING, INPUT, LOGITS, output_names
 
 __all__ = [
-    "EMBEDDING", "FORMAT_VERSION", "GENERIC_LABELS_WARNING", "IMAGENET_MEAN", "IMAGENET_STD", "INPUT",
-    "INTERPOLATIONS", "LABEL_SOURCES", "LOGITS", "PRECISIONS", "RANDOM_WEIGHTS_WARNING", "LabelsError", "ModelCard",
-    "ModelCardError", "PreprocessConfig", "check_labels", "duplicate_labels", "generic_labels", "output_names",
-    "parse_labels", "read_labels",
+    "EMBEDDING", "FLOAT32_NCHW", "FORMAT_VERSION", "GENERIC_LABELS_WARNING", "IMAGENET_MEAN", "IMAGENET_STD", "INPUT",
+    "INPUT_FORMATS", "INTERPOLATIONS", "LABEL_SOURCES", "LOGITS", "PRECISIONS", "RANDOM_WEIGHTS_WARNING",
+    "UINT8_NHWC", "LabelsError", "ModelCard", "ModelCardError", "PreprocessConfig", "check_labels",
+    "duplicate_labels", "generic_labels", "output_names", "parse_labels", "read_labels",
 ]  # fmt: skip

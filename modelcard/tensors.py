@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-# images: float32 [N, 3, S, S], normalised as the card's preprocessing says; only N is symbolic.
+# images: float32 [N, 3, S, S], normalised as the card's preprocessing says; or, where the preprocessing's
+# input_format is uint8-nhwc, the cropped RGB bytes uint8 [N, S, S, 3], normalised inside the graph. Only N
+# is symbolic.
 INPUT = "images"
 # logits: float32 [N, num_classes], before softmax; absent from a headless (embedding-only) model.
 LOGITS = "logits"

@@ -214,3 +214,20 @@ def test_modelcard_imports_neither_torch_nor_onnxruntime_nor_numpy() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_input_format_defaults_to_float_for_files_written_before_it_and_round_trips() -> None:
+    from modelcard import FLOAT32_NCHW, UINT8_NHWC
+
+    old = card().to_metadata()
+    pre = json.loads(old["resnest.preprocess"])
+    del pre["input_format"]  # what every file exported before the field existed holds
+    old["resnest.preprocess"] = json.dumps(pre)
+    read = ModelCard.from_metadata(old).preprocess
+    assert read.input_format == FLOAT32_NCHW and read.input_shape == (3, 32, 32) and read.input_dtype == "float32"
+    u8 = PreprocessConfig(32, 32, "bicubic", input_format=UINT8_NHWC)
+    assert u8.uint8_input and u8.input_shape == (32, 32, 3) and u8.input_dtype == "uint8"
+    assert PreprocessConfig.from_dict(json.loads(json.dumps(u8.to_dict()))) == u8
+    assert u8.with_overrides(input_size=24).input_format == UINT8_NHWC
+    with pytest.raises(ValueError, match="input_format"):
+        PreprocessConfig(32, 32, "bicubic", input_format="uint8-nchw")

@@ -723,6 +723,34 @@ def test_jpeg_draft_leaves_small_jpegs_alone(photos: list[tuple[str, bytes]]) ->
     np.testing.assert_array_equal(preprocess(data, cfg, MAX_PIXELS, draft=True), preprocess(data, cfg, MAX_PIXELS))
 
 
+# --- reducing_gap and the uint8 (device-normalised) output ---------------------------------------------------------
+
+
+def test_reducing_gap_is_opt_in_and_close_to_the_exact_resize(photos: list[tuple[str, bytes]]) -> None:
+    big = Image.open(io.BytesIO(photo_bytes(photos, "chelsea.png"))).convert("RGB")
+    data = encode(big.resize((2000, 1500), Image.Resampling.BICUBIC), "JPEG", quality=90)
+    cfg = cfg_for()
+    full = preprocess(data, cfg, MAX_PIXELS)
+    np.testing.assert_array_equal(preprocess(data, cfg, MAX_PIXELS, reducing_gap=None), full)  # unset: exact
+    gapped = preprocess(data, cfg, MAX_PIXELS, reducing_gap=2.0)
+    diff = np.abs(gapped - full)
+    print(f"\nreducing_gap 2.0 vs exact resize (2000x1500 JPEG): max abs {diff.max():.3f}, mean abs {diff.mean():.4f}")
+    assert gapped.shape == full.shape and 0 < diff.mean() < 0.05
+
+
+def test_uint8_output_is_the_crop_the_float_path_normalises(photos: list[tuple[str, bytes]]) -> None:
+    from modelcard import UINT8_NHWC
+
+    cfg = cfg_for()
+    u8_cfg = PreprocessConfig(cfg.input_size, cfg.resize_size, cfg.interpolation, cfg.mean, cfg.std, UINT8_NHWC)
+    for _, data in photos:
+        crop = preprocess(data, u8_cfg, MAX_PIXELS)
+        assert crop.dtype == np.uint8 and crop.shape == (cfg.input_size, cfg.input_size, 3) and crop.flags.owndata
+        std = np.asarray(cfg.std, dtype=np.float32)
+        again = crop.astype(np.float32) * (1.0 / (255.0 * std)) - np.asarray(cfg.mean, dtype=np.float32) / std
+        np.testing.assert_array_equal(again.transpose(2, 0, 1), preprocess(data, cfg, MAX_PIXELS))
+
+
 # --- configuration ------------------------------------------------------------------------------------------------
 
 

@@ -69,3 +69,20 @@ def test_service_never_imports_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_path_settings_and_the_decode_pool_following_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from service.core.settings import available_cpus
+
+    assert Settings().decode_threads == available_cpus() == len(os.sched_getaffinity(0))
+    defaults = Settings()
+    assert defaults.io_binding is True and defaults.cuda_graphs is False and defaults.resize_reducing_gap is None
+    monkeypatch.setenv("RESNEST_CUDA_GRAPHS", "true")
+    monkeypatch.setenv("RESNEST_RESIZE_REDUCING_GAP", "2.0")
+    monkeypatch.setenv("RESNEST_IO_BINDING", "false")
+    env = Settings.from_env()
+    assert env.cuda_graphs is True and env.resize_reducing_gap == 2.0 and env.io_binding is False
+    with pytest.raises(ValidationError):
+        Settings(resize_reducing_gap=0.5)  # Pillow needs a gap of at least 1

@@ -1,17 +1,29 @@
-"""The model runtime: an ONNX Runtime session (CUDA EP with CPU fallback) behind a small Protocol."""
+"""The model runtime: an ONNX Runtime session (CUDA EP with CPU fallback) behind a small Protocol.
+
+Batches reach the session one of two ways. The plain path is `session.run` (ORT allocates and copies as it
+likes). With IO binding (RESNEST_IO_BINDING, the default) each warmed batch shape has its own reused host
+buffer (page-locked with cudaHostRegister on CUDA, so the copy to the device is one DMA), input and output
+tensors bound once, and outputs fetched once; on CUDA, RESNEST_CUDA_GRAPHS adds one captured CUDA graph per
+shape (ORT's enable_cuda_graph with gpu_graph_id), captured during warm-up. Where an option cannot work
+(CPU EP, a shape outside the warmed set), the plain path runs; `OrtModel.acceleration` says what is active.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import threading
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
 from modelcard import EMBEDDING, INPUT, LOGITS, ModelCard, ModelCardError
 
-from .providers import CudaProbe, describe, probe_cuda, quiet_ort
+from .providers import CudaProbe, describe, probe_cuda, quiet_ort, required_libraries
 from .settings import Settings
 
 log = logging.getLogger("service.runtime")
@@ -26,7 +38,8 @@ class InferenceModel(Protocol):
     providers: list[str]
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (N, 3, S, S) -> (logits (N, classes), embedding (N, dim)), both float32.
+        """float32 (N, 3, S, S) (uint8 (N, S, S, 3) for a uint8-nhwc card) -> (logits (N, classes),
+        embedding (N, dim)), both float32.
 
         A headless model (card.num_classes 0) returns zero-width logits (N, 0), so the batcher and every
         other caller handle one shape of answer.
@@ -42,12 +55,64 @@ def _gpu_required(settings: Settings) -> bool:
     return settings.require_gpu or settings.providers == "cuda"
 
 
-def _provider_chain(settings: Settings, probe: CudaProbe | None) -> list[str | tuple[str, dict[str, object]]]:
+def _provider_chain(
+    settings: Settings, probe: CudaProbe | None, cuda_graph: bool = False
+) -> list[str | tuple[str, dict[str, object]]]:
     """CUDA (CPU behind it) only where the probe found it can start: asked for elsewhere, ORT floods the log."""
     if settings.providers == "cpu" or probe is None or not probe.available:
         return [CPU]
-    cuda_options = {"device_id": settings.cuda_device_id, "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    cuda_options: dict[str, object] = {"device_id": settings.cuda_device_id, "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    if cuda_graph:
+        cuda_options["enable_cuda_graph"] = "1"
     return [(CUDA, cuda_options), CPU]
+
+
+# ORT's run option that picks a captured graph; -1 runs the session without capture or replay.
+GRAPH_ID = "gpu_graph_id"
+NO_GRAPH = "-1"
+# Regular runs per shape in warm-up when graphs are on: ORT allocates on the first and captures on a later
+# one; a third run replays, so the first request already gets the replay.
+GRAPH_WARM_RUNS = 3
+_PAGE = 4096
+
+
+def _cudart() -> ctypes.CDLL | None:
+    """The CUDA runtime the CUDA EP loaded (by soname, so the same copy); None where it is not there."""
+    try:
+        return ctypes.CDLL(required_libraries()[1])
+    except OSError:
+        return None
+
+
+def _host_buffer(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> tuple[np.ndarray, bool]:
+    """A page-aligned host array of `shape`, page-locked for the device's copy engine when `pin` and possible."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(nbytes + _PAGE, dtype=np.uint8)
+    start = -raw.ctypes.data % _PAGE
+    array = raw[start : start + nbytes].view(dtype).reshape(shape)
+    if not pin:
+        return array, False
+    cudart = _cudart()
+    if cudart is None:
+        return array, False
+    ptr = ctypes.c_void_p(array.ctypes.data)
+    if cudart.cudaHostRegister(ptr, ctypes.c_size_t(nbytes), ctypes.c_uint(0)) != 0:
+        return array, False  # not allowed here (limits on locked memory): pageable memory still works
+    # Unlocked when the buffer is collected: numpy would otherwise free pages the driver still holds locked.
+    weakref.finalize(raw, cudart.cudaHostUnregister, ptr)
+    return array, True
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One warmed batch shape's bound tensors: host buffer, device copies (CUDA), outputs, binding."""
+
+    host: np.ndarray
+    binding: Any  # ort.IOBinding
+    run_options: ort.RunOptions
+    device_input: ort.OrtValue | None  # CUDA: the input on the device, refreshed in place from `host`
+    outputs: list[ort.OrtValue]
+    host_outputs: list[np.ndarray] | None  # CPU: ORT writes the outputs straight into these
 
 
 class OrtModel:
@@ -72,8 +137,20 @@ class OrtModel:
         # A fallback to the CPU is reported below in one line; ORT's own account of it is kept for debug, and
         # for a required GPU, whose failure should be loud.
         quiet = chain[0] != CPU and not _gpu_required(settings) and settings.log_level != "debug"
+        graph_error = ""
+        want_graphs = settings.cuda_graphs and settings.io_binding and chain[0] != CPU
         with quiet_ort(quiet):
-            self.session = ort.InferenceSession(str(path), options, providers=chain)
+            if want_graphs:
+                try:  # refused when a node would run on the CPU EP (graphs replay device work only)
+                    self.session = ort.InferenceSession(
+                        str(path), options, providers=_provider_chain(settings, probe, cuda_graph=True)
+                    )
+                except Exception as exc:  # ORT's own error type; the plain CUDA session is the fallback
+                    graph_error = f"ONNX Runtime refused CUDA graphs for this model: {exc}"
+                    log.warning("%s; serving without them", graph_error)
+                    want_graphs = False
+            if not want_graphs:
+                self.session = ort.InferenceSession(str(path), options, providers=chain)
         # ORT falls back to CPU silently when the CUDA EP cannot start: trust only what the session reports.
         self.providers: list[str] = self.session.get_providers()
         if _gpu_required(settings) and self.providers[0] != CUDA:
@@ -86,16 +163,130 @@ class OrtModel:
         except ModelCardError as exc:
             raise ModelLoadError(str(exc)) from exc
         self._check_signature()
-        log.info("loaded %s (%s) from %s on %s", self.card.variant, self.card.precision, path, self.providers)
+        self._setup_binding(settings, want_graphs, graph_error)
+        log.info("loaded %s (%s) from %s on %s; %s", self.card.variant, self.card.precision, path, self.providers,
+                 self.acceleration["path"])  # fmt: skip
+
+    # -- IO binding and CUDA graphs ----------------------------------------------------------------------
+    def _setup_binding(self, settings: Settings, graphs: bool, graph_error: str) -> None:
+        """Decide the path each batch takes and record it in `acceleration` (GET /model shows it)."""
+        self._lock = threading.Lock()  # a binding is one set of buffers: one batch at a time
+        self._slots: dict[int, _Slot] = {}
+        on_cuda = self.providers[0] == CUDA
+        self._device_id = settings.cuda_device_id
+        self._binding_shapes = settings.batch_shapes() if settings.io_binding else []
+        self._graphs = graphs and on_cuda and bool(self._binding_shapes)
+        self._pin = on_cuda
+        self._pinned = False
+        if not settings.cuda_graphs:
+            why_not = "off (RESNEST_CUDA_GRAPHS=false)"
+        elif not settings.io_binding:
+            why_not = "needs RESNEST_IO_BINDING: a graph replays fixed device addresses"
+        elif graph_error:
+            why_not = graph_error
+        elif not on_cuda:
+            why_not = f"the CUDA EP is not active ({self.providers[0]} serves): the plain path runs"
+        else:
+            why_not = ""
+        self.acceleration: dict[str, Any] = {
+            "path": "plain",
+            "input_format": self.card.preprocess.input_format,
+            "io_binding": {
+                "requested": settings.io_binding,
+                "active": bool(self._binding_shapes),
+                "device": "cuda" if on_cuda else "cpu",
+                "batch_sizes": list(self._binding_shapes),
+                "pinned_host_buffers": False,
+                "reason": "" if settings.io_binding else "off (RESNEST_IO_BINDING=false)",
+            },
+            "cuda_graphs": {
+                "requested": settings.cuda_graphs,
+                "active": self._graphs,
+                "batch_sizes": list(self._binding_shapes) if self._graphs else [],
+                "captured": [],
+                "reason": why_not,
+            },
+        }
+        self._describe_path()
+
+    def _describe_path(self) -> None:
+        acc = self.acceleration
+        acc["path"] = ("io_binding+cuda_graphs" if acc["cuda_graphs"]["active"] else "io_binding") if (
+            acc["io_binding"]["active"]) else "plain"  # fmt: skip
+
+    @property
+    def warm_up_runs(self) -> int:
+        """Runs per batch shape that warm-up needs: graphs are captured after a regular run."""
+        return GRAPH_WARM_RUNS if self._graphs else 1
+
+    def _make_slot(self, n: int) -> _Slot:
+        pre = self.card.preprocess
+        shape = (n, *pre.input_shape)
+        dtype = np.dtype(pre.input_dtype)
+        host, pinned = _host_buffer(shape, dtype, self._pin)
+        self._pinned = self._pinned or pinned
+        self.acceleration["io_binding"]["pinned_host_buffers"] = self._pinned
+        binding = self.session.io_binding()
+        run_options = ort.RunOptions()
+        widths = {LOGITS: self.card.num_classes, EMBEDDING: self.card.embedding_dim}
+        if self.providers[0] == CUDA:
+            device_input = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype.type, "cuda", self._device_id)
+            binding.bind_ortvalue_input(INPUT, device_input)
+            outputs = [
+                ort.OrtValue.ortvalue_from_shape_and_type([n, widths[name]], np.float32, "cuda", self._device_id)
+                for name in self._outputs
+            ]
+            host_outputs = None
+            run_options.add_run_config_entry(GRAPH_ID, str(n) if self._graphs else NO_GRAPH)
+        else:
+            device_input = None
+            binding.bind_cpu_input(INPUT, host)  # read in place: no copy at all on the CPU EP
+            host_outputs = [np.empty((n, widths[name]), dtype=np.float32) for name in self._outputs]
+            outputs = [ort.OrtValue.ortvalue_from_numpy(out) for out in host_outputs]
+        for name, value in zip(self._outputs, outputs, strict=True):
+            binding.bind_ortvalue_output(name, value)
+        return _Slot(host, binding, run_options, device_input, outputs, host_outputs)
+
+    def _slot(self, n: int) -> _Slot | None:
+        """The bound tensors of shape `n`, made on first use; None outside the warmed set (plain path)."""
+        if n not in self._binding_shapes:
+            return None
+        slot = self._slots.get(n)
+        if slot is None:
+            slot = self._slots[n] = self._make_slot(n)
+        return slot
+
+    def input_buffer(self, n: int) -> np.ndarray | None:
+        """The reused host buffer of batch shape `n` for the batcher to stack into; None: it has none."""
+        with self._lock:
+            slot = self._slot(n)
+        return None if slot is None else slot.host
+
+    def _run_bound(self, slot: _Slot, images: np.ndarray) -> list[np.ndarray]:
+        if images is not slot.host:
+            np.copyto(slot.host, images)
+        if slot.device_input is not None:
+            slot.device_input.update_inplace(slot.host)  # one host -> device copy, from page-locked memory
+        self.session.run_with_iobinding(slot.binding, slot.run_options)
+        if slot.host_outputs is not None:
+            return [out.copy() for out in slot.host_outputs]  # the buffers are the next batch's
+        return [value.numpy() for value in slot.outputs]  # one device -> host copy per output
 
     def _check_signature(self) -> None:
         """The graph must be the one the card describes: a mismatch would fail (or mislabel) every request."""
         card = self.card
         inputs = self.session.get_inputs()
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
-        size = card.preprocess.input_size
-        if len(inputs) != 1 or inputs[0].name != INPUT or list(inputs[0].shape[1:]) != [3, size, size]:
-            raise ModelLoadError(f"model input must be {INPUT} [N, 3, {size}, {size}], got {inputs}")
+        shape, dtype = list(card.preprocess.input_shape), card.preprocess.input_dtype
+        # ORT names element types "tensor(float)" and "tensor(uint8)"
+        ort_type = "tensor(uint8)" if card.preprocess.uint8_input else "tensor(float)"
+        if len(inputs) != 1 or inputs[0].name != INPUT or list(inputs[0].shape[1:]) != shape:
+            raise ModelLoadError(f"model input must be {INPUT} {dtype} [N, {', '.join(map(str, shape))}], got {inputs}")
+        if inputs[0].type != ort_type:
+            raise ModelLoadError(
+                f"the model card says input_format {card.preprocess.input_format} ({dtype}), the graph's input is "
+                f"{inputs[0].type}: export the file again"
+            )
         if list(outputs) != list(card.outputs):
             kind = f"a {card.num_classes}-class classifier" if card.has_classifier else "a headless backbone"
             expected = list(card.outputs)
@@ -115,15 +306,44 @@ class OrtModel:
         self._outputs: list[str] = list(card.outputs)
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One batch through IO binding when its shape is warmed and binding is on, else session.run."""
+        pre = self.card.preprocess
+        if images.dtype != np.dtype(pre.input_dtype) or images.shape[1:] != pre.input_shape:
+            raise ValueError(
+                f"this model takes {pre.input_dtype} [N, {', '.join(map(str, pre.input_shape))}] "
+                f"({pre.input_format}), got {images.dtype} {list(images.shape)}"
+            )
+        with self._lock:
+            slot = self._slot(len(images))
+            if slot is not None:
+                outputs = self._run_bound(slot, images)
+                if self._graphs and len(images) not in self.acceleration["cuda_graphs"]["captured"]:
+                    self.acceleration["cuda_graphs"]["captured"].append(len(images))
+            else:
+                # Shapes outside the warmed set; a graph session skips capture and replay for them.
+                options = self._plain_options if self._graphs else None
+                outputs = self.session.run(self._outputs, {INPUT: images}, options)
         if not self.card.has_classifier:
-            (embedding,) = self.session.run(self._outputs, {INPUT: images})
-            return np.zeros((len(images), 0), dtype=np.float32), embedding
-        logits, embedding = self.session.run(self._outputs, {INPUT: images})
-        return logits, embedding
+            return np.zeros((len(images), 0), dtype=np.float32), outputs[0]
+        return outputs[0], outputs[1]
+
+    @property
+    def _plain_options(self) -> ort.RunOptions:
+        options = ort.RunOptions()
+        options.add_run_config_entry(GRAPH_ID, NO_GRAPH)
+        return options
 
 
 def warm_up(model: InferenceModel, batch_sizes: list[int]) -> None:
-    """Run every batch shape once, so no client request pays for kernel selection or allocation."""
-    size = model.card.preprocess.input_size
+    """Run every batch shape (several times where CUDA graphs are captured), so no client request pays for
+    kernel selection, allocation or capture."""
+    pre = model.card.preprocess
+    # Models that only take float32 (tests' fakes) have no input_shape/input_dtype beyond the card's.
+    shape, dtype = (
+        getattr(pre, "input_shape", (3, pre.input_size, pre.input_size)),
+        getattr(pre, "input_dtype", "float32"),
+    )
+    runs = getattr(model, "warm_up_runs", 1)
     for n in batch_sizes:
-        model.infer(np.zeros((n, 3, size, size), dtype=np.float32))
+        for _ in range(runs):
+            model.infer(np.zeros((n, *shape), dtype=dtype))

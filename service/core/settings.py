@@ -23,6 +23,14 @@ DECODE_BYTES_PER_PIXEL = 10
 NOT_SERVICE_SETTINGS = frozenset({"RESNEST_CACHE"})
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers' cpusets narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API on this platform
+        return os.cpu_count() or 1
+
+
 class Settings(BaseSettings):
     """Every knob of the service. `python -m service --help` and the README list them with defaults."""
 
@@ -83,10 +91,30 @@ class Settings(BaseSettings):
         True, description="let idle ORT threads spin for work (lower latency; costs CPU that decoding could use)"
     )
     decode_threads: int = Field(
-        default_factory=lambda: min(4, os.cpu_count() or 1), ge=1, description="image decode/preprocess threads"
+        default_factory=lambda: available_cpus(),
+        ge=1,
+        description="image decode/preprocess threads (default: the CPUs this process may run on; Pillow releases "
+        "the GIL while it decodes and resizes)",
     )
     jpeg_draft: bool = Field(
         False, description="decode large JPEGs at reduced DCT scale (faster; pixels differ slightly from reference)"
+    )
+    # The GPU path: host work per image, and how batches reach the device (service/core/runtime.py).
+    resize_reducing_gap: float | None = Field(
+        None,
+        ge=1.0,
+        description="shrink large images by an integer factor (box filter) while they stay this many times the "
+        "resize target, then resize exactly (Pillow's reducing_gap; faster, pixels differ slightly; unset: off)",
+    )
+    io_binding: bool = Field(
+        True,
+        description="feed ONNX Runtime through IO binding: one reused host buffer per warmed batch shape (pinned "
+        "on CUDA), outputs fetched once; off or other shapes: session.run",
+    )
+    cuda_graphs: bool = Field(
+        False,
+        description="capture one CUDA graph per warmed batch shape during warm-up and replay it (needs the CUDA "
+        "EP and io_binding; elsewhere the plain path runs and GET /model says why)",
     )
     drain_grace_s: float = Field(
         5.0, ge=0, description="after SIGTERM: seconds /readyz answers 503 while requests are still served"

@@ -130,6 +130,9 @@ def build_router(state: ServiceState) -> APIRouter:
                 "variant": card.variant,
                 "precision": card.precision,
                 "providers": served.model.providers,
+                # What the runtime really does (plain run, IO binding, CUDA graphs) and why an option is off;
+                # models without a runtime of their own (injected ones) have none.
+                "acceleration": getattr(served.model, "acceleration", None),
                 "input_size": pre.input_size,
                 "preprocess": {**pre.to_dict(), "crop_size": pre.input_size},
                 "embedding_dim": card.embedding_dim,

@@ -72,6 +72,11 @@ class ModelInfo(BaseModel):
     variant: str
     precision: str
     providers: list[str] = Field(description="execution providers actually active, first one runs the model")
+    acceleration: dict[str, Any] | None = Field(
+        None,
+        description="the inference path actually active: plain, io_binding or io_binding+cuda_graphs, the input "
+        "format, and why an option is off",
+    )
     input_size: int
     preprocess: dict[str, Any] = Field(description="resize, crop, interpolation and normalisation applied to uploads")
     embedding_dim: int

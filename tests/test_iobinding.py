@@ -1,0 +1,89 @@
+"""IO binding and the CUDA-graph setting on the CPU EP: same answers as session.run, and honest reporting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.core.batcher import Batcher
+from service.core.runtime import OrtModel, warm_up
+from service.core.settings import Settings
+from tests.conftest import TINY_SIZE, run
+
+
+def _model(path: Path, **overrides: object) -> OrtModel:
+    settings = Settings(model_path=path, max_batch_size=4, providers="cpu", grpc_enabled=False, **overrides)  # type: ignore[arg-type]
+    model = OrtModel(settings)
+    warm_up(model, settings.batch_shapes())
+    return model
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, TINY_SIZE, TINY_SIZE), dtype=np.float32)
+
+
+def test_io_binding_gives_the_outputs_of_session_run(tiny_onnx: Path) -> None:
+    plain, bound = _model(tiny_onnx, io_binding=False), _model(tiny_onnx, io_binding=True)
+    assert plain.acceleration["path"] == "plain" and bound.acceleration["path"] == "io_binding"
+    assert bound.acceleration["io_binding"] | {"batch_sizes": None} == {
+        "requested": True, "active": True, "device": "cpu", "batch_sizes": None, "pinned_host_buffers": False,
+        "reason": "",
+    }  # fmt: skip
+    for n in (1, 2, 3, 4):  # 3 is outside the warmed shapes [1, 2, 4]: the plain path answers it
+        for seed in range(2):  # a reused buffer must not leak one batch into the next
+            x = _images(n, seed)
+            for a, b in zip(plain.infer(x), bound.infer(x), strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_returned_outputs_do_not_alias_the_reused_buffers(tiny_onnx: Path) -> None:
+    model = _model(tiny_onnx)
+    first = model.infer(_images(2, 0))
+    kept = [a.copy() for a in first]
+    model.infer(_images(2, 1))
+    for a, b in zip(first, kept, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cuda_graphs_on_the_cpu_ep_fall_back_to_the_plain_path_and_say_so(tiny_onnx: Path) -> None:
+    model = _model(tiny_onnx, cuda_graphs=True)
+    graphs = model.acceleration["cuda_graphs"]
+    assert graphs["requested"] is True and graphs["active"] is False and graphs["captured"] == []
+    assert "CUDA EP is not active" in graphs["reason"] and "CPUExecutionProvider" in graphs["reason"]
+    assert model.acceleration["path"] == "io_binding" and model.warm_up_runs == 1
+    np.testing.assert_array_equal(model.infer(_images(4))[0], _model(tiny_onnx, io_binding=False).infer(_images(4))[0])
+
+
+def test_cuda_graphs_without_io_binding_name_the_missing_setting(tiny_onnx: Path) -> None:
+    graphs = _model(tiny_onnx, cuda_graphs=True, io_binding=False).acceleration["cuda_graphs"]
+    assert graphs["active"] is False and "RESNEST_IO_BINDING" in graphs["reason"]
+
+
+def test_the_batcher_stacks_into_the_models_buffer(tiny_onnx: Path) -> None:
+    model = _model(tiny_onnx)
+    seen: list[np.ndarray] = []
+    original = model.infer
+
+    def spy(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        seen.append(batch)
+        return original(batch)
+
+    model.infer = spy  # type: ignore[method-assign]
+
+    async def main() -> None:
+        batcher = Batcher(model, max_batch=4, max_queue=8, cut_to=[1, 2, 4])
+        batcher.start()
+        ticket = batcher.submit(list(_images(2)), timeout=30.0)
+        await ticket.future
+        await batcher.stop(1.0)
+
+    run(main())
+    assert seen and seen[0] is model.input_buffer(2)  # written once, where the runtime reads it
+    assert model.input_buffer(3) is None  # not a warmed shape: the batcher allocates as before
+
+
+def test_a_batch_of_the_wrong_dtype_is_refused(tiny_onnx: Path) -> None:
+    with pytest.raises(ValueError, match="float32"):
+        _model(tiny_onnx).infer(_images(1).astype(np.float64))
