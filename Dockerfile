@@ -63,8 +63,10 @@ COPY --from=export /models /models
 RUN groupadd --system --gid 10001 resnest \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin resnest
 USER 10001:10001
-ENV RESNEST_MODEL_PATH=/models/model.onnx RESNEST_PROVIDERS=cpu RESNEST_HOST=0.0.0.0 RESNEST_PORT=8000
-EXPOSE 8000
+ENV RESNEST_MODEL_PATH=/models/model.onnx RESNEST_PROVIDERS=cpu RESNEST_HOST=0.0.0.0 RESNEST_PORT=8000 \
+    RESNEST_GRPC_PORT=8001
+# HTTP (the service's API and the OIP's REST routes) and the OIP over gRPC.
+EXPOSE 8000 8001
 # Liveness only: the first start warms every batch size, hence the start period.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["python", "/usr/local/bin/resnest-healthcheck", "/healthz"]
 # SIGTERM starts the drain (readiness 503, keep serving RESNEST_DRAIN_GRACE_S, finish in-flight, exit 0). Exec
@@ -91,8 +93,8 @@ RUN groupadd --system --gid 10001 resnest \
 USER 10001:10001
 # REQUIRE_GPU: refuse to start (and so never turn ready) when ONNX Runtime silently falls back to the CPU.
 ENV RESNEST_MODEL_PATH=/models/model.onnx RESNEST_PROVIDERS=cuda RESNEST_REQUIRE_GPU=true \
-    RESNEST_HOST=0.0.0.0 RESNEST_PORT=8000
-EXPOSE 8000
+    RESNEST_HOST=0.0.0.0 RESNEST_PORT=8000 RESNEST_GRPC_PORT=8001
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 CMD ["python", "/usr/local/bin/resnest-healthcheck", "/healthz"]
 STOPSIGNAL SIGTERM
 CMD ["resnest-serve"]

@@ -10,7 +10,7 @@ CHECKPOINT ?=
 SHA256 ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install model lb browser lint bench clean
+.PHONY: serve test install model lb browser lint bench bench-protocols proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,14 @@ lint: install
 
 bench: install $(MODEL)
 	$(PY) -m bench.serving --model $(MODEL)
+
+# Each protocol (multipart, OIP HTTP JSON and binary, OIP gRPC) on the same images, in one run.
+bench-protocols: install $(MODEL)
+	$(PY) -m bench.protocols --model $(MODEL)
+
+# The gRPC front's descriptor set, from its protocol definition (tests/test_grpc_proto.py checks they agree).
+proto: install
+	$(PY) -m grpc_tools.protoc -Iservice/grpc --descriptor_set_out=service/grpc/inference.binpb service/grpc/inference.proto
 
 # The realistic model: resnest14d trained here on scikit-learn's digits (about a minute on 2 cores; a rerun with
 # the same training config reuses it), exported with its labels and preprocessing. Int8 and benchmarks use it.

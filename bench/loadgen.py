@@ -1,8 +1,12 @@
-"""Closed-loop HTTP load generator (run as its own process): `concurrency` clients, each sending its next
-request as soon as the previous answer arrives, like Triton's perf_analyzer in concurrency mode.
+"""Closed-loop load generator (run as its own process): `concurrency` clients, each sending its next request
+as soon as the previous answer arrives, like Triton's perf_analyzer in concurrency mode.
 
     python -m bench.loadgen --url http://127.0.0.1:8000 --concurrency 16 --images 1 --duration 20 --warmup 5 \\
-        --photos DIR
+        --photos DIR [--protocol multipart|oip-json|oip-binary|grpc --model NAME --grpc-target HOST:PORT]
+
+Every protocol sends the same encoded JPEGs and asks for the same answer, the top 5 classes: multipart
+/classify (top_k 5), or the OIP's `image_bytes` input with the classification extension on `probabilities`
+(JSON with base64 BYTES, Triton's binary tensors, or gRPC through tritonclient.grpc.aio on one channel).
 
 Prints one JSON object: requests and images completed in the measurement window, their rate, latency
 percentiles, and counts by status (connection errors included). The window opens only once every client
@@ -13,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import struct
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +42,72 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
     }
 
 
+Send = Callable[[int], Awaitable[str]]  # request number -> "ok" or the failure's name
+
+
+def _oip_body(blobs: list[bytes], binary: bool, classes: int) -> tuple[bytes, dict[str, str]]:
+    """An OIP HTTP inference request for `blobs`: JSON (base64 BYTES) or Triton's binary tensor form."""
+    output = {"name": "probabilities", "parameters": {"classification": classes}}
+    tensor: dict[str, Any] = {"name": "image_bytes", "shape": [len(blobs), 1], "datatype": "BYTES"}
+    if not binary:
+        tensor["data"] = [base64.b64encode(b).decode() for b in blobs]
+        return json.dumps({"inputs": [tensor], "outputs": [output]}).encode(), {"content-type": "application/json"}
+    raw = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
+    tensor["parameters"] = {"binary_data_size": len(raw)}
+    output["parameters"]["binary_data"] = True
+    head = json.dumps({"inputs": [tensor], "outputs": [output]}).encode()
+    return head + raw, {"inference-header-content-length": str(len(head)), "content-type": "application/octet-stream"}
+
+
+def _sender(
+    protocol: str, http: httpx.AsyncClient, grpc_client: Any, route: str, model: str, images: int,
+    photos: list[bytes], classes: int,
+) -> Send:  # fmt: skip
+    """One protocol's request: the same images and the same answer (the top `classes`) whichever it is."""
+
+    def blobs(i: int) -> list[bytes]:
+        return [photos[(i + j) % len(photos)] for j in range(images)]
+
+    if protocol == "multipart":
+
+        async def send(i: int) -> str:
+            files = [("images", (f"{i}-{j}.jpg", b, "image/jpeg")) for j, b in enumerate(blobs(i))]
+            response = await http.post(route, files=files, params={"top_k": classes})
+            return "ok" if response.status_code == 200 else str(response.status_code)
+
+        return send
+    if protocol in ("oip-json", "oip-binary"):
+
+        async def send(i: int) -> str:
+            body, headers = _oip_body(blobs(i), protocol == "oip-binary", classes)
+            response = await http.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+            return "ok" if response.status_code == 200 else str(response.status_code)
+
+        return send
+    if protocol == "grpc":
+        import tritonclient.grpc.aio as tga
+        from tritonclient.utils import InferenceServerException
+
+        # classes 0: the server's own outputs (a peer without Triton's classification extension).
+        outputs = [tga.InferRequestedOutput("probabilities", class_count=classes)] if classes else None
+
+        async def send(i: int) -> str:
+            tensor = tga.InferInput("image_bytes", [images, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array(blobs(i), dtype=object).reshape(-1, 1))
+            try:
+                await grpc_client.infer(model, [tensor], outputs=outputs)
+            except InferenceServerException as exc:
+                return str(exc.status())
+            return "ok"
+
+        return send
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
 async def drive(
-    url: str, route: str, concurrency: int, images: int, photos: list[bytes], duration: float, warmup: float
-) -> dict[str, Any]:
+    url: str, route: str, concurrency: int, images: int, photos: list[bytes], duration: float, warmup: float,
+    protocol: str = "multipart", model: str = "", grpc_target: str = "", classes: int = 5,
+) -> dict[str, Any]:  # fmt: skip
     """Run the closed loop and measure one stable window.
 
     The window opens once `warmup` has passed AND every client has had an answer (at high concurrency one
@@ -54,35 +124,44 @@ async def drive(
     statuses: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    async def client(worker: int, http: httpx.AsyncClient) -> None:
+    async def client(worker: int, send: Send) -> None:
         nonlocal slowest
         i = worker
         while not window or loop.time() < window[1]:
-            files = [("images", (f"{i}-{j}.jpg", photos[(i + j) % len(photos)], "image/jpeg")) for j in range(images)]
-            i += concurrency
             sent = loop.time()
             try:
-                response = await http.post(route, files=files)
-                status = str(response.status_code)
+                status = await send(i)
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
                 await asyncio.sleep(0.05)
+            i += concurrency
             done = loop.time()
             answered.add(worker)
             if window and window[0] <= done <= window[1]:
                 statuses[status] += 1
-                if status == "200":
+                if status == "ok":
                     latencies.append(done - sent)
             elif not window:
                 slowest = max(slowest, done - sent)
                 if len(answered) == concurrency and done - start >= warmup:
                     window.extend([done, done + max(duration, 3 * slowest)])
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        await asyncio.gather(*(client(w, http) for w in range(concurrency)))
-    ok = statuses["200"]
+    grpc_client = None
+    if protocol == "grpc":
+        import tritonclient.grpc.aio as tga
+
+        grpc_client = tga.InferenceServerClient(grpc_target)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+            send = _sender(protocol, http, grpc_client, route, model, images, photos, classes)
+            await asyncio.gather(*(client(w, send) for w in range(concurrency)))
+    finally:
+        if grpc_client is not None:
+            await grpc_client.close()
+    ok = statuses["ok"]
     length = window[1] - window[0]
     return {
+        "protocol": protocol,
         "concurrency": concurrency,
         "images_per_request": images,
         "window_s": length,
@@ -92,7 +171,7 @@ async def drive(
         "requests_per_s": ok / length,
         "images_per_s": ok * images / length,
         "statuses": dict(statuses),
-        "errors": sum(n for s, n in statuses.items() if s != "200"),
+        "errors": sum(n for s, n in statuses.items() if s != "ok"),
         **percentiles(latencies),
     }
 
@@ -106,10 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--photos", type=Path, required=True, help="folder of .jpg files to send")
+    parser.add_argument("--protocol", default="multipart", choices=["multipart", "oip-json", "oip-binary", "grpc"])
+    parser.add_argument("--model", default="", help="model name, for the OIP protocols")
+    parser.add_argument("--grpc-target", default="", help="host:port of the gRPC endpoint, for --protocol grpc")
+    parser.add_argument("--classes", type=int, default=5, help="top classes asked for (0: the server's outputs)")
     args = parser.parse_args(argv)
     photos = [p.read_bytes() for p in sorted(args.photos.glob("*.jpg"))]
     t0, cpu0 = time.perf_counter(), time.process_time()
-    result = asyncio.run(drive(args.url, args.route, args.concurrency, args.images, photos, args.duration, args.warmup))
+    run = drive(
+        args.url, args.route, args.concurrency, args.images, photos, args.duration, args.warmup,
+        args.protocol, args.model, args.grpc_target, args.classes,
+    )  # fmt: skip
+    result = asyncio.run(run)
     result["wall_s"] = time.perf_counter() - t0
     # The client shares the machine with the server: its CPU is CPU the server could not use.
     result["client_cpu_percent"] = 100 * (time.process_time() - cpu0) / result["wall_s"]

@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             "RESNEST_MODEL_PATH": str(args.model),
             "RESNEST_HOST": "127.0.0.1",
             "RESNEST_PORT": str(port),
+            "RESNEST_GRPC_PORT": str(free_port()),  # not the default 8001: another server may hold it
         }
         print("our server ...", file=sys.stderr, flush=True)
         with server([sys.executable, "-m", "service"], env, url) as proc:

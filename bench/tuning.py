@@ -48,7 +48,7 @@ def run(model: Path, duration: float, warmup: float, only: list[str] | None) -> 
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             env = {**BENCH_ENV, **change, "RESNEST_MODEL_PATH": str(model), "RESNEST_HOST": "127.0.0.1",
-                   "RESNEST_PORT": str(port)}  # fmt: skip
+                   "RESNEST_PORT": str(port), "RESNEST_GRPC_PORT": str(free_port())}  # fmt: skip
             print(f"{name} {change} ...", file=sys.stderr, flush=True)
             with server([sys.executable, "-m", "service"], env, url) as proc:
                 batch = httpx.get(f"{url}/model").json()["max_batch_size"]

@@ -20,6 +20,7 @@ from .app import create_app
 from .core import logs
 from .core.settings import LATE_REQUEST_WAIT_S, Settings, describe_settings
 from .core.state import ServiceState
+from .grpc.server import GrpcFront
 
 log = logging.getLogger("service")
 
@@ -43,6 +44,8 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._state, self._grace, self._budget = state, settings.drain_grace_s, settings.shutdown_timeout_s
         self._timer: threading.Timer | None = None
+        self._settings = settings
+        self.grpc: GrpcFront | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = self._state
@@ -72,6 +75,17 @@ class DrainingServer(uvicorn.Server):
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
                     log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+            if self._settings.grpc_enabled:
+                # Started once the models are loaded (the lifespan ran): the same state, on the same loop.
+                front = GrpcFront(self._state, self._settings.host, self._settings.grpc_port)
+                try:
+                    await front.start()
+                except OSError as exc:
+                    log.error("%s", exc)
+                    self.started = False  # main() reports a failed start-up
+                    self.should_exit = True
+                    return
+                self.grpc = front
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = self._state
@@ -90,6 +104,10 @@ class DrainingServer(uvicorn.Server):
         # uvicorn cancels what is still running at this timeout: after the aborted requests had their 503.
         self.config.timeout_graceful_shutdown = max(abort_in + ANSWER_RESERVE_S / 2, 0.0)  # type: ignore[assignment]
         try:
+            if self.grpc is not None:
+                # gRPC refuses new calls from now on, and its calls in flight finish (or get their 503's
+                # UNAVAILABLE) before the lifespan stops the batchers; HTTP keeps being served meanwhile.
+                await self.grpc.stop(grace=abort_in + ANSWER_RESERVE_S / 2)
             await super().shutdown()
         finally:
             abort.cancel()
@@ -126,7 +144,7 @@ def _exit_now(code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="resnest-serve",
-        description="Serve a ResNeSt ONNX model over HTTP. Configuration comes from environment variables:",
+        description="Serve ResNeSt ONNX models over HTTP and gRPC. Configuration comes from environment variables:",
         epilog=describe_settings(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -113,9 +113,8 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
     app.add_middleware(
         UploadLimitMiddleware,
         max_bytes=settings.max_upload_bytes,
-        max_requests=settings.max_concurrent_requests,
         overloaded=state.overloaded,
-        max_buffered=settings.max_buffered_upload_bytes,
+        budget=state.uploads,
     )
     app.add_middleware(
         RequestContextMiddleware,

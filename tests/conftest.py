@@ -88,6 +88,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0, interval: f
 
 # What service/__main__.py logs once uvicorn has bound its socket: the real port, also for RESNEST_PORT=0.
 LISTENING = re.compile(r"listening on http://(?P<host>\[[^\]]+\]|[^\s:/]+):(?P<port>\d+)")
+GRPC_LISTENING = re.compile(r"listening on grpc://(?P<host>\[[^\]]+\]|[^\s:/]+):(?P<port>\d+)")
 
 
 class ServerProcess:
@@ -98,7 +99,7 @@ class ServerProcess:
     """
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        full_env = {**os.environ, "RESNEST_HOST": "127.0.0.1", "RESNEST_PORT": "0", **env}
+        full_env = {**os.environ, "RESNEST_HOST": "127.0.0.1", "RESNEST_PORT": "0", "RESNEST_GRPC_PORT": "0", **env}
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._address: tuple[str, int] | None = None
@@ -129,6 +130,17 @@ class ServerProcess:
                 raise TimeoutError(f"server not listening after {timeout}s:\n{self.log()}")
             time.sleep(0.05)
         return self._address
+
+    @property
+    def grpc_target(self) -> str:
+        """host:port of the server's gRPC front, from its `listening on grpc://` log line."""
+        self.wait_listening()
+        deadline = time.monotonic() + 30
+        while (found := GRPC_LISTENING.search(self.log())) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server's gRPC front never listened:\n{self.log()}")
+            time.sleep(0.05)
+        return f"{found['host']}:{found['port']}"
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

@@ -43,3 +43,18 @@ def test_tuning_benchmark_measures_each_configuration(tiny_onnx: Path, tmp_path:
     for config in result["configs"]:
         assert [p["errors"] for p in config["points"]] == [0, 0, 0]
     assert (tmp_path / "tuning-smoke.md").read_text().count("\n| ") == 3  # header + two rows
+
+
+def test_protocol_benchmark_measures_every_protocol_on_one_server(tiny_onnx: Path, tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "bench.protocols", "--model", str(tiny_onnx), "--concurrency", "1", "2", "--rounds",
+        "1", "--duration", "1", "--warmup", "0.3", "--ceiling-seconds", "0.3", "--out", str(tmp_path), "--tag",
+        "smoke",
+    ]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    result = json.loads((tmp_path / "protocols-smoke.json").read_text())
+    points = {(r["protocol"], r["concurrency"]) for r in result["rows"]}
+    assert points == {(p, c) for p in ("multipart", "oip-json", "oip-binary", "grpc") for c in (1, 2)}
+    assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in result["rows"]), result["rows"]
+    table = (tmp_path / "protocols-smoke.md").read_text()
+    assert "gRPC p50 <= multipart p50" in table and table.count("the best protocol") == 4

@@ -98,7 +98,11 @@ def test_probes_hit_the_apps_routes_on_the_container_port(name: str) -> None:
     dep = deployment(name)
     c = container(dep)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"http": int(k8s_env(c).get("RESNEST_PORT", default("port")))}
+    env = k8s_env(c)
+    assert ports == {
+        "http": int(env.get("RESNEST_PORT", default("port"))),
+        "grpc": int(env.get("RESNEST_GRPC_PORT", default("grpc_port"))),
+    }
     assert {"/readyz", "/healthz"} <= app_routes()
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -182,9 +186,11 @@ def test_hpa_service_and_pdb_point_at_the_deployment() -> None:
     assert svc["spec"]["type"] == "ClusterIP"
     for name in DEPLOYMENTS:
         assert svc["spec"]["selector"].items() <= deployment(name)["spec"]["template"]["metadata"]["labels"].items()
-    (port,) = svc["spec"]["ports"]
-    assert port["port"] == 80
-    assert port["targetPort"] in {p["name"] for p in container(dep)["ports"]}
+    http, grpc = svc["spec"]["ports"]
+    assert (http["name"], http["port"], http["targetPort"]) == ("http", 80, "http")
+    assert (grpc["name"], grpc["targetPort"], grpc["appProtocol"]) == ("grpc", "grpc", "kubernetes.io/h2c")
+    for name in DEPLOYMENTS:
+        assert {"http", "grpc"} <= {p["name"] for p in container(deployment(name))["ports"]}
 
     (pdb,) = k8s("pdb.yaml")
     assert pdb["spec"]["minAvailable"] == 1
@@ -222,6 +228,14 @@ def test_compose_balancer_runs_the_tested_haproxy_config() -> None:
     port = int(services["replica1"]["environment"].get("RESNEST_PORT", default("port")))
     assert {lb["environment"][f"REPLICA{i}"] for i in (1, 2, 3)} == {f"{r}:{port}" for r in REPLICAS}
     assert "LB_BIND" in lb["environment"]
+    # gRPC: each replica's gRPC port, and its HTTP port for the readiness check.
+    grpc_port = int(services["replica1"]["environment"].get("RESNEST_GRPC_PORT", default("grpc_port")))
+    assert "LB_GRPC_BIND" in lb["environment"]
+    for i, replica in enumerate(REPLICAS, 1):
+        assert lb["environment"][f"REPLICA{i}_GRPC"] == f"{replica}:{grpc_port}"
+        assert int(lb["environment"][f"REPLICA{i}_CHECK_PORT"]) == port
+    published = {p.split(":")[-2] for p in lb["ports"]}
+    assert {lb["environment"]["LB_BIND"].split(":")[-1], lb["environment"]["LB_GRPC_BIND"].split(":")[-1]} <= published
 
 
 def test_compose_balancer_image_is_the_haproxy_series_the_tests_run() -> None:
@@ -312,7 +326,7 @@ def test_runtime_images_are_lean_non_root_and_drain_on_sigterm(stage: str) -> No
     (healthcheck,) = instructions(stage, "HEALTHCHECK")
     assert "/healthz" in healthcheck
     assert instructions(stage, "STOPSIGNAL") == ["SIGTERM"]
-    assert instructions(stage, "EXPOSE") == [str(default("port"))]
+    assert instructions(stage, "EXPOSE") == [f"{default('port')} {default('grpc_port')}"]
     assert any(a.startswith("--from=export") for a in instructions(stage, "COPY"))
     env = " ".join(instructions(stage, "ENV"))
     assert "RESNEST_MODEL_PATH=" in env
@@ -341,8 +355,10 @@ def test_haproxy_drops_a_draining_replica_within_its_grace() -> None:
     assert re.search(r"^\s*http-check expect status 200$", cfg, re.MULTILINE)
     assert re.search(r"^\s*retry-on .*\bconn-failure\b", cfg, re.MULTILINE)
     assert re.search(r"^\s*option redispatch\b", cfg, re.MULTILINE)
-    (server_defaults,) = re.findall(r"^\s*default-server (.*)$", cfg, re.MULTILINE)
-    tokens = server_defaults.split()
+    # Both backends (HTTP and gRPC) check alike: the same defaults, so the same time to drop a draining replica.
+    http_defaults, grpc_defaults = re.findall(r"^\s*default-server (.*)$", cfg, re.MULTILINE)
+    assert http_defaults == grpc_defaults
+    tokens = http_defaults.split()
     options = {k: v for k, v in itertools.pairwise(tokens) if k in ("inter", "fastinter", "fall", "rise")}
     # First failed check at most `inter` after the drain starts, the remaining `fall - 1` at `fastinter`.
     inter, fall = seconds(options["inter"]), int(options["fall"])
@@ -352,6 +368,14 @@ def test_haproxy_drops_a_draining_replica_within_its_grace() -> None:
     assert detect < grace / 2
     servers = re.findall(r'^\s*server (r\d) "\$\{(REPLICA\d)\}"', cfg, re.MULTILINE)
     assert servers == [("r1", "REPLICA1"), ("r2", "REPLICA2"), ("r3", "REPLICA3")]
+    # gRPC: HTTP/2 to each replica's gRPC port, its readiness checked over HTTP/1.1 on its HTTP port.
+    grpc = re.findall(
+        r'^\s*server (g\d) "\$\{(REPLICA\d)_GRPC\}" proto h2 check-proto h1 port "\$\{(REPLICA\d)_CHECK_PORT\}"$',
+        cfg,
+        re.MULTILINE,
+    )
+    assert grpc == [(f"g{i}", f"REPLICA{i}", f"REPLICA{i}") for i in (1, 2, 3)]
+    assert re.search(r'^\s*bind "\$\{LB_GRPC_BIND\}" proto h2$', cfg, re.MULTILINE)
 
 
 def test_the_wheel_stage_copies_every_package_the_project_ships() -> None:
@@ -364,3 +388,54 @@ def test_the_wheel_stage_copies_every_package_the_project_ships() -> None:
     assert top_level <= copied, f"the image's wheel would lack {sorted(top_level - copied)}"
     for package in packages:
         assert (ROOT / package.replace(".", "/")).is_dir(), package
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KServe
+
+
+KSERVE = ROOT / "deploy" / "kserve"
+
+
+@cache
+def kserve(name: str) -> dict[str, Any]:
+    (doc,) = [d for d in yaml.safe_load_all((KSERVE / name).read_text()) if d]
+    return doc
+
+
+def test_kserve_runtime_speaks_v2_on_both_ports_and_probes_the_v2_health_routes() -> None:
+    (kustomization,) = [d for d in yaml.safe_load_all((KSERVE / "kustomization.yaml").read_text()) if d]
+    assert set(kustomization["resources"]) == {p.name for p in KSERVE.glob("*.yaml")} - {"kustomization.yaml"}
+    runtime = kserve("servingruntime.yaml")
+    assert (runtime["apiVersion"], runtime["kind"]) == ("serving.kserve.io/v1alpha1", "ServingRuntime")
+    assert {"v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    (c,) = runtime["spec"]["containers"]
+    env = k8s_env(c)
+    unknown = {k for k in env if k.startswith("RESNEST_")} - {f"RESNEST_{n.upper()}" for n in Settings.model_fields}
+    assert not unknown, unknown
+    settings = manifest_settings(env)  # validates as at start-up: drain grace within the budget, and so on
+    assert settings.grpc_enabled and settings.model_repository == Path("/mnt/models")  # KServe's storage mount
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http1": settings.port, "h2c": settings.grpc_port}  # KServe's names for REST and gRPC
+    assert {"/v2/health/live", "/v2/health/ready"} <= app_routes()
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": settings.port}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": settings.port}
+    assert c["startupProbe"]["httpGet"]["path"] in app_routes()
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 120
+    memory = quantity(c["resources"]["limits"]["memory"])
+    assert MODEL_RSS_BYTES + settings.host_memory_bytes(224) <= memory
+
+
+def test_kserve_inference_service_uses_the_runtime_and_outlasts_its_shutdown_budget() -> None:
+    runtime, isvc = kserve("servingruntime.yaml"), kserve("inferenceservice.yaml")
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    formats = {(f["name"], f.get("version")) for f in runtime["spec"]["supportedModelFormats"]}
+    assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
+    assert model["storageUri"]
+    (c,) = runtime["spec"]["containers"]
+    budget = manifest_settings(k8s_env(c)).shutdown_timeout_s
+    assert predictor["terminationGracePeriodSeconds"] >= budget + EXIT_MARGIN_S

@@ -56,6 +56,7 @@ class PatchedServer:
             "RESNEST_MODEL_PATH": str(model),
             "RESNEST_HOST": "127.0.0.1",
             "RESNEST_PORT": "0",
+            "RESNEST_GRPC_PORT": "0",
             "RESNEST_PROVIDERS": "cpu",
             "RESNEST_DRAIN_GRACE_S": str(GRACE_S),
             "RESNEST_SHUTDOWN_TIMEOUT_S": str(BUDGET_S),

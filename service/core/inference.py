@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from fastapi import Request, UploadFile
@@ -83,10 +84,8 @@ async def decode(state: ServiceState, served: ServedModel, blobs: list[bytes]) -
     settings = state.settings
     cfg = served.model.card.preprocess
     loop = asyncio.get_running_loop()
-    jobs = [
-        loop.run_in_executor(state.decode_pool, preprocess, blob, cfg, settings.max_image_pixels, settings.jpeg_draft)
-        for blob in blobs
-    ]
+    args = (cfg, settings.max_image_pixels, settings.jpeg_draft, settings.resize_reducing_gap)
+    jobs = [loop.run_in_executor(state.decode_pool, preprocess, blob, *args) for blob in blobs]
     results = await asyncio.gather(*jobs, return_exceptions=True)
     for i, result in enumerate(results):
         if isinstance(result, ImageError):
@@ -96,41 +95,63 @@ async def decode(state: ServiceState, served: ServedModel, blobs: list[bytes]) -
     return results  # type: ignore[return-value]
 
 
+@dataclass
+class Call:
+    """One request as the request path sees it, whatever protocol carried it."""
+
+    started: float  # time.perf_counter() when it arrived
+    record: Any  # where the access record's fields go (attributes: images, model, timings)
+    deadline: float | None = None  # perf_counter time past which the client no longer waits (gRPC deadlines)
+    gone: Callable[[], Awaitable[None]] | None = None  # returns when the client left; None: cancellation tells
+
+    def timeout(self, settings_timeout_s: float) -> float:
+        """Seconds left for this request: the service's deadline or the client's own, whichever comes first."""
+        now = time.perf_counter()
+        left = settings_timeout_s - (now - self.started)
+        return left if self.deadline is None else min(left, self.deadline - now)
+
+
 async def _client_gone(request: Request) -> None:
     """Returns when the client disconnects (the body is already read, so receive() waits for that)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
+def http_call(request: Request) -> Call:
+    """An HTTP request as a Call: its arrival time from RequestContextMiddleware, its disconnect as `gone`."""
+    return Call(request.state.started, request.state, gone=lambda: _client_gone(request))
+
+
 Prepare = Callable[[], Awaitable[list[np.ndarray]]]
 
 
-async def run(request: Request, state: ServiceState, served: ServedModel, count: int, prepare: Prepare) -> Outputs:
+async def run(call: Call, state: ServiceState, served: ServedModel, count: int, prepare: Prepare) -> Outputs:
     """The one request path of every protocol: admit `count` images into the model's queue, `prepare` their
     input tensors (read and decode, or take the client's own), batch, and wait, mapping every failure to the
-    error table. A client that disconnects is dropped before its images reach the model."""
-    # For the access record (RequestContextMiddleware reads them from scope["state"]), also on failure.
-    request.state.images = count
-    request.state.model, request.state.model_version = served.name, served.version
+    error table. A client that leaves (a disconnect, a cancelled or expired gRPC call) is dropped before its
+    images reach the model."""
+    record = call.record
+    record.images = count  # for the access record, also on failure
+    record.model, record.model_version = served.name, served.version
     batcher = served.batcher
     reservation = admit(state, served, count)
     started = time.perf_counter()
     try:
         arrays = await prepare()
-        elapsed = time.perf_counter() - request.state.started
-        ticket = batcher.submit(arrays, timeout=state.settings.request_timeout_s - elapsed, reservation=reservation)
+        ticket = batcher.submit(arrays, timeout=call.timeout(state.settings.request_timeout_s), reservation=reservation)
     except BatcherStopped:
         raise _stopped(state, served=served) from None
     finally:
         reservation.release()  # a no-op once submit() took it over
     preprocess_ms = (time.perf_counter() - started) * 1000
-    request.state.preprocess_ms = round(preprocess_ms, 2)
+    record.preprocess_ms = round(preprocess_ms, 2)
     waiter = asyncio.ensure_future(batcher.wait(ticket))
-    watcher = asyncio.ensure_future(_client_gone(request))
+    watcher = asyncio.ensure_future(call.gone()) if call.gone is not None else None
     try:
-        await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({waiter} if watcher is None else {waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         if not waiter.done():
             batcher.cancel(ticket)  # the client left (or we are cancelled): its images never reach the model
             waiter.cancel()
@@ -145,33 +166,35 @@ async def run(request: Request, state: ServiceState, served: ServedModel, count:
     except BatcherStopped as exc:
         raise _stopped(state, exc, served) from None
     out = Outputs(logits, embedding, preprocess_ms, (ticket.queue_wait or 0.0) * 1000, ticket.inference_time * 1000)
-    request.state.queue_ms, request.state.inference_ms = round(out.queue_ms, 2), round(out.inference_ms, 2)
+    record.queue_ms, record.inference_ms = round(out.queue_ms, 2), round(out.inference_ms, 2)
     return out
 
 
-async def run_uploads(request: Request, state: ServiceState, served: ServedModel, images: list[UploadFile]) -> Outputs:
+async def run_uploads(call: Call, state: ServiceState, served: ServedModel, images: list[UploadFile]) -> Outputs:
     """Multipart uploads (/classify, /embed)."""
     check_part_types(images)
 
     async def prepare() -> list[np.ndarray]:
         return await decode(state, served, [await upload.read() for upload in images])
 
-    return await run(request, state, served, len(images), prepare)
+    return await run(call, state, served, len(images), prepare)
 
 
-async def run_encoded(request: Request, state: ServiceState, served: ServedModel, blobs: list[bytes]) -> Outputs:
+async def run_encoded(call: Call, state: ServiceState, served: ServedModel, blobs: list[bytes]) -> Outputs:
     """Encoded image files from another protocol (an OIP BYTES tensor): decoded exactly as uploads are."""
 
     async def prepare() -> list[np.ndarray]:
         return await decode(state, served, blobs)
 
-    return await run(request, state, served, len(blobs), prepare)
+    return await run(call, state, served, len(blobs), prepare)
 
 
-async def run_tensors(request: Request, state: ServiceState, served: ServedModel, batch: np.ndarray) -> Outputs:
-    """Input tensors a client preprocessed itself ([N, 3, S, S] float32, checked by the caller)."""
+async def run_tensors(call: Call, state: ServiceState, served: ServedModel, batch: np.ndarray) -> Outputs:
+    """Input tensors a client preprocessed itself, in the model's own input format (float32 [N, 3, S, S], or
+    uint8 [N, S, S, 3] for a uint8-nhwc model; checked by the caller)."""
+    dtype = np.dtype(served.model.card.preprocess.input_dtype)
 
     async def prepare() -> list[np.ndarray]:
-        return list(np.ascontiguousarray(batch, dtype=np.float32))
+        return list(np.ascontiguousarray(batch, dtype=dtype))
 
-    return await run(request, state, served, int(batch.shape[0]), prepare)
+    return await run(call, state, served, int(batch.shape[0]), prepare)

@@ -17,7 +17,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "resnest_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+            "resnest_requests",
+            "requests by route (HTTP route, or gRPC method) and status (HTTP status, or gRPC status code)",
+            ["route", "status"],
+            registry=r,
         )
         self.latency = Histogram(
             "resnest_request_duration_seconds", "request latency by route", ["route"], buckets=_LATENCY, registry=r

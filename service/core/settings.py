@@ -128,10 +128,17 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="if set, 'Bearer <key>' is needed by /classify, /embed, /model and the /v2 metadata, config, "
-        "infer and repository routes (health, readiness, /metrics, /docs and the page stay open)",
+        "infer and repository routes, and as gRPC 'authorization' metadata by every RPC but the probes and server "
+        "metadata (health, readiness, /metrics, /docs and the page stay open)",
     )
     host: str = Field("0.0.0.0", description="listen address")
     port: int = Field(8000, ge=0, le=65535, description="listen port (0: any free port, logged at start)")
+    grpc_enabled: bool = Field(
+        True, description="also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService)"
+    )
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="gRPC listen port, on the same host (0: any free port, logged at start)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     log_format: Literal["text", "json"] = Field(
         "text", description="text: lines for people; json: one JSON object per line (log pipelines)"
@@ -155,6 +162,8 @@ class Settings(BaseSettings):
                 f"max_upload_bytes ({self.max_upload_bytes}) exceeds max_buffered_upload_bytes "
                 f"({self.max_buffered_upload_bytes}): an upload of the largest allowed size could never be admitted"
             )
+        if self.grpc_enabled and self.grpc_port == self.port and self.port != 0:
+            raise ValueError(f"grpc_port and port are both {self.port}: each protocol needs its own port")
         finish = self.shutdown_timeout_s - self.drain_grace_s - LATE_REQUEST_WAIT_S
         if finish < MIN_FINISH_S:
             raise ValueError(

@@ -9,6 +9,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import Scope
 
+from .admission import UploadBudget
 from .batcher import Batcher
 from .errors import ServiceError
 from .metrics import Metrics
@@ -28,6 +29,7 @@ class ServiceState:
     metrics: Metrics
     decode_pool: ThreadPoolExecutor
     registry: Registry = field(init=False)
+    uploads: UploadBudget = field(init=False)  # every protocol's uploads in progress, against one budget
     started: bool = False  # every configured model loaded and warmed at start-up
     draining: bool = False
     shutdown_deadline: float | None = None  # time.monotonic() by which the process must have exited
@@ -35,6 +37,7 @@ class ServiceState:
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.settings, self.metrics)
+        self.uploads = UploadBudget(self.settings.max_concurrent_requests, self.settings.max_buffered_upload_bytes)
 
     # -- the default model, for single-model callers and the operator's view ------------------------------
     def _default(self) -> ServedModel | None:

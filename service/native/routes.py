@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from starlette.responses import Response
 
 from ..core.errors import ERRORS, ServiceError, error_payload
-from ..core.inference import run_uploads
+from ..core.inference import http_call, run_uploads
 from ..core.postprocess import l2_normalize, top_k
 from ..core.responses import JSONResponse
 from ..core.settings import Settings
@@ -73,7 +73,7 @@ def build_router(state: ServiceState) -> APIRouter:
             if not card.has_classifier:
                 raise ServiceError("no_classifier")  # before any image is decoded
             k = requested_top_k(settings, top_k_, card.num_classes)
-            out = await run_uploads(request, state, served, images)
+            out = await run_uploads(http_call(request), state, served, images)
         predictions = top_k(out.logits, k, card.labels)
         body = {
             "model": card.variant,
@@ -100,7 +100,7 @@ def build_router(state: ServiceState) -> APIRouter:
     ) -> Response:
         served = state.resolve(model_name, version)
         with served.use():
-            out = await run_uploads(request, state, served, images)
+            out = await run_uploads(http_call(request), state, served, images)
         vectors = l2_normalize(out.embedding) if normalize else out.embedding
         body = {
             "model": served.model.card.variant,

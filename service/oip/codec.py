@@ -117,6 +117,20 @@ def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def check_size(name: str, shape: tuple[int, ...], max_elements: int, max_batch: int) -> int:
+    """An input's element count, refused before anything is allocated when it passes either bound."""
+    if any(d < 0 for d in shape):
+        raise ProtocolError(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise ProtocolError(
+            f"input {name!r}: {count} elements, more than the limit of {max_elements}", "payload_too_large"
+        )
+    if shape and shape[0] > max_batch:
+        raise ProtocolError(f"input {name!r}: at most {max_batch} images per request", "too_many_images")
+    return count
+
+
 def _flatten(name: str, data: Any, depth: int) -> list[Any]:
     """Row-major data may come flat or nested, at most `depth` lists deep (the tensor's rank less one);
     iterative, so a hostile nesting cannot exhaust the stack."""
@@ -153,7 +167,7 @@ def _json_elements(name: str, datatype: str, data: Any, shape: tuple[int, ...]) 
         raise ProtocolError(f"input {name!r}: its data is not all {datatype}") from None
 
 
-def _binary_elements(name: str, datatype: str, chunk: memoryview, count: int) -> np.ndarray | list[bytes]:
+def binary_elements(name: str, datatype: str, chunk: memoryview, count: int) -> np.ndarray | list[bytes]:
     if datatype == BYTES:
         return deserialize_bytes(chunk, count)
     dtype = np.dtype(DTYPES[datatype])
@@ -218,19 +232,13 @@ def parse_request(body: bytes, header_length: str | None, max_elements: int, max
         if datatype != BYTES and datatype not in DTYPES:
             raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}")
         shape = _shape(spec, name)
-        count = math.prod(shape)
-        if count > max_elements:
-            raise ProtocolError(
-                f"input {name!r}: {count} elements, more than the limit of {max_elements}", "payload_too_large"
-            )
-        if shape and shape[0] > max_batch:
-            raise ProtocolError(f"input {name!r}: at most {max_batch} images per request", "too_many_images")
+        count = check_size(name, shape, max_elements, max_batch)
         in_params = spec.get("parameters") or {}
         size = in_params.get("binary_data_size") if isinstance(in_params, dict) else None
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise ProtocolError(f"input {name!r}: binary_data_size runs past the end of the body")
-            data = _binary_elements(name, datatype, binary[offset : offset + size], count)
+            data = binary_elements(name, datatype, binary[offset : offset + size], count)
             offset += size
         elif "data" in spec:
             data = _json_elements(name, datatype, spec["data"], shape)

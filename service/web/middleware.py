@@ -13,6 +13,7 @@ from collections.abc import Callable
 from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..core.admission import UploadBudget
 from ..core.errors import ERRORS, ServiceError, error_payload
 from ..core.logs import log_access, request_id_var
 from ..core.metrics import Metrics
@@ -228,11 +229,16 @@ class UploadLimitMiddleware:
         max_requests: int = 1 << 30,
         overloaded: Callable[[Scope], int | None] = lambda scope: None,
         max_buffered: int = 1 << 62,
+        budget: UploadBudget | None = None,
     ) -> None:
-        self.app, self.max_bytes, self.max_requests, self.overloaded = app, max_bytes, max_requests, overloaded
-        self.max_buffered = max_buffered
-        self.active = 0  # upload requests between admission here and their answer
-        self.buffered = 0  # body bytes those requests hold (declared, or received so far when chunked)
+        self.app, self.max_bytes, self.overloaded = app, max_bytes, overloaded
+        # Shared with the gRPC front when the app passes the service's own (ServiceState.uploads).
+        self.budget = budget if budget is not None else UploadBudget(max_requests, max_buffered)
+
+    @property
+    def buffered(self) -> int:
+        """Body bytes the uploads in progress hold (declared, or received so far when chunked)."""
+        return self.budget.buffered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -250,11 +256,7 @@ class UploadLimitMiddleware:
             refusal = ("unsupported_media_type", "send the images as multipart/form-data")
         elif length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             refusal = ("payload_too_large", f"the request body exceeds {self.max_bytes} bytes")
-        elif (
-            (retry_after := self.overloaded(scope)) is not None
-            or self.active >= self.max_requests
-            or self.buffered + int(length or 0) > self.max_buffered
-        ):
+        elif (retry_after := self.overloaded(scope)) is not None or not self.budget.has_room(int(length or 0)):
             # No room for even one image, for one more upload or for its body: refuse before reading (and
             # holding) the body.
             refusal = ("overloaded", ERRORS["overloaded"][1])
@@ -282,9 +284,9 @@ class UploadLimitMiddleware:
                 if received > self.max_bytes:
                     raise ServiceError("payload_too_large", f"the request body exceeds {self.max_bytes} bytes")
                 if received > held:  # chunked: nothing was reserved up front
-                    self.buffered += received - held
+                    grown = self.budget.grow(received - held)
                     held = received
-                    if self.buffered > self.max_buffered:
+                    if not grown:
                         raise ServiceError("overloaded", headers={"retry-after": "1"})
                 if not closed and close is not None:
                     keep = len(close) - 1
@@ -294,10 +296,8 @@ class UploadLimitMiddleware:
                     raise ServiceError("malformed_request", "the multipart body ends before its closing boundary")
             return message
 
-        self.active += 1
-        self.buffered += held
+        self.budget.enter(held)
         try:
             await self.app(scope, counting_receive, send)
         finally:
-            self.active -= 1
-            self.buffered -= held
+            self.budget.leave(held)

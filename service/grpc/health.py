@@ -1,0 +1,51 @@
+"""grpc.health.v1: what load balancers and Kubernetes' gRPC probes ask. Service "" (or the OIP service's name)
+is the server's readiness; a model's name is that model's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ..core.state import ServiceState
+from .messages import SERVICE
+
+Status = health_pb2.HealthCheckResponse.ServingStatus
+# How often Watch looks for a change of status (a stream per watcher; each look is a few attribute reads).
+WATCH_INTERVAL_S = 0.5
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """Check and Watch over the service's own readiness, read when asked (nothing to keep in sync)."""
+
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+
+    def status(self, service: str) -> Any:
+        """SERVING or NOT_SERVING for a known service, SERVICE_UNKNOWN for any other name."""
+        state = self.state
+        if service in ("", SERVICE):
+            return Status.NOT_SERVING if state.not_ready_reasons() else Status.SERVING
+        versions = state.registry.models.get(service)
+        if not versions:
+            return Status.SERVICE_UNKNOWN
+        ready = state.started and not state.draining and versions[max(versions)].ready
+        return Status.SERVING if ready else Status.NOT_SERVING
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        status = self.status(request.service)
+        if status == Status.SERVICE_UNKNOWN:  # as the protocol asks: NOT_FOUND for a service it does not know
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        last = None
+        while True:  # until the client cancels or the server stops, which cancels this stream
+            status = self.status(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(WATCH_INTERVAL_S)

@@ -1,0 +1,53 @@
+"""The gRPC front: a grpc.aio server on the service's event loop, beside uvicorn, over the same ServiceState."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from ..core.state import ServiceState
+from .health import HealthServicer
+from .servicer import InferenceServicer
+
+log = logging.getLogger("service.grpc")
+
+
+class GrpcFront:
+    """Start, report the bound port, and stop with a grace for the calls in flight."""
+
+    def __init__(self, state: ServiceState, host: str, port: int) -> None:
+        settings = state.settings
+        self.state, self.host, self.port = state, host, port
+        self.server = grpc.aio.server(
+            options=[
+                # A message is read whole before the servicer sees it: the upload limit bounds it, as an HTTP body.
+                ("grpc.max_receive_message_length", settings.max_upload_bytes),
+                ("grpc.max_send_message_length", -1),
+                # grpc sets SO_REUSEPORT by default: a second server on the same port would share it silently.
+                ("grpc.so_reuseport", 0),
+            ],
+            # The hard backstop on messages held at once; the shared upload budget refuses before it.
+            maximum_concurrent_rpcs=2 * settings.max_concurrent_requests,
+        )
+        self.server.add_generic_rpc_handlers((InferenceServicer(state).handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(state), self.server)
+
+    async def start(self) -> int:
+        """Bind and start serving; the port bound (RESNEST_GRPC_PORT=0 binds any free one)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        try:
+            bound = self.server.add_insecure_port(f"{host}:{self.port}")
+        except RuntimeError as exc:  # grpc raises where older releases returned 0
+            raise OSError(f"gRPC could not bind {host}:{self.port}: {exc}") from None
+        if bound == 0:
+            raise OSError(f"gRPC could not bind {host}:{self.port}")
+        self.port = bound
+        await self.server.start()
+        log.info("listening on grpc://%s:%d", host, self.port)
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls at once; calls in flight get `grace` seconds to finish, then are cancelled."""
+        await self.server.stop(max(grace, 0.0))
