@@ -357,3 +357,14 @@ def test_a_taken_grpc_port_fails_the_start_and_grpc_can_be_turned_off(
     off = server_factory({"RESNEST_MODEL_PATH": str(tiny_onnx), "RESNEST_GRPC_ENABLED": "false"})
     assert httpx.get(f"{off.url}/readyz", timeout=10).status_code == 200
     assert "grpc://" not in off.log()
+
+
+def test_health_watch_reports_not_serving_when_draining_and_ends() -> None:
+    """A watcher learns of the drain, and its stream ends so that the server's stop does not wait on it."""
+    with InProcess(FakeModel()) as server, grpc.insecure_channel(server.target) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        first = next(stream)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        server.loop.call_soon_threadsafe(setattr, server.state, "draining", True)
+        rest = list(stream)  # ends by itself (within the 30 s timeout, which would raise DEADLINE_EXCEEDED)
+        assert [m.status for m in rest] == [health_pb2.HealthCheckResponse.NOT_SERVING]

@@ -43,9 +43,13 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
         last = None
-        while True:  # until the client cancels or the server stops, which cancels this stream
+        while True:  # until the client cancels, or the server drains
             status = self.status(request.service)
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
+            if self.state.draining:
+                # NOT_SERVING has been sent: end the stream, or the server's stop would wait out its whole
+                # grace for a stream that never ends by itself.
+                return
             await asyncio.sleep(WATCH_INTERVAL_S)
