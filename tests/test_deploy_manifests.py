@@ -82,6 +82,30 @@ def k8s_env(c: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in c.get("env", [])}
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (PyYAML keeps the last one silently; kubectl errors)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # The keys written here; those merged in by `<<: *anchor` may be overridden (compose's x- blocks).
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key(s) {repeated}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+YAML_FILES = sorted([*(ROOT / "deploy").rglob("*.yaml"), COMPOSE])
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_yaml_file_parses_without_duplicate_keys(path: Path) -> None:
+    docs = [d for d in yaml.load_all(path.read_text(), Loader=UniqueKeyLoader) if d]
+    assert docs, path
+    if path.parent.name in ("k8s", "kserve"):
+        for doc in docs:
+            assert doc.get("apiVersion") and doc.get("kind"), path
+
+
 def test_kustomization_lists_every_manifest_and_each_is_well_formed() -> None:
     (kustomization,) = k8s("kustomization.yaml")
     listed = set(kustomization["resources"])
@@ -146,15 +170,21 @@ def test_termination_grace_outlasts_the_shutdown_budget(name: str) -> None:
         assert {"cpu", "memory"} <= set(resources[kind]), kind
 
 
+def assert_the_upload_spool_fits(c: dict[str, Any], volumes: list[dict[str, Any]], settings: Settings) -> None:
+    """A read-only root leaves /tmp (an emptyDir) as the spool: every upload admitted at once must fit it."""
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    (tmp,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+    (volume,) = [v for v in volumes if v["name"] == tmp["name"]]
+    spool = quantity(volume["emptyDir"]["sizeLimit"])
+    assert settings.max_buffered_upload_bytes <= spool, "uploads spooled at once must fit the /tmp emptyDir"
+
+
 @pytest.mark.parametrize("name", DEPLOYMENTS)
 def test_the_pods_temp_dir_and_memory_hold_the_request_paths_worst_case(name: str) -> None:
     dep = deployment(name)
     c = container(dep)
     settings = manifest_settings(k8s_env(c))
-    (tmp,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
-    (volume,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == tmp["name"]]
-    spool = quantity(volume["emptyDir"]["sizeLimit"])
-    assert settings.max_buffered_upload_bytes <= spool, "uploads spooled at once must fit the /tmp emptyDir"
+    assert_the_upload_spool_fits(c, dep["spec"]["template"]["spec"]["volumes"], settings)
     limit = quantity(c["resources"]["limits"]["memory"])
     need = MODEL_RSS_BYTES + settings.host_memory_bytes(224)
     print(f"\n{name}: worst case {need >> 20} MiB (model {MODEL_RSS_BYTES >> 20} MiB) <= limit {limit >> 20} MiB")
@@ -335,6 +365,24 @@ def test_runtime_images_are_lean_non_root_and_drain_on_sigterm(stage: str) -> No
     assert instructions(stage, "CMD") == ['["resnest-serve"]']
 
 
+def image_user(stage: str) -> tuple[int, int]:
+    """The numeric uid:gid a runtime stage ends on."""
+    uid, gid = instructions(stage, "USER")[-1].split(":")
+    return int(uid), int(gid)
+
+
+def test_manifests_run_as_the_images_user() -> None:
+    """runAsNonRoot needs a numeric user; the manifests name the image's own, so files it owns stay readable."""
+    contexts = {name: deployment(name)["spec"]["template"]["spec"]["securityContext"] for name in DEPLOYMENTS}
+    (c,) = kserve("servingruntime.yaml")["spec"]["containers"]
+    contexts["servingruntime.yaml"] = c["securityContext"]  # a ServingRuntime has no pod securityContext
+    for name, ctx in contexts.items():
+        stage = "runtime-gpu" if name == "deployment-gpu.yaml" else "runtime-cpu"
+        assert ctx["runAsNonRoot"] is True, name
+        assert (ctx["runAsUser"], ctx["runAsGroup"]) == image_user(stage), name
+        assert ctx["seccompProfile"]["type"] == "RuntimeDefault", name
+
+
 def test_dockerignore_admits_only_what_the_build_copies() -> None:
     patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()]
     patterns = [p for p in patterns if p and not p.startswith("#")]
@@ -424,6 +472,13 @@ def test_kserve_runtime_speaks_v2_on_both_ports_and_probes_the_v2_health_routes(
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 120
     memory = quantity(c["resources"]["limits"]["memory"])
     assert MODEL_RSS_BYTES + settings.host_memory_bytes(224) <= memory
+    assert_the_upload_spool_fits(c, runtime["spec"]["volumes"], settings)
+    assert c["image"].endswith(":cpu") and settings.providers == "cpu"
+    assert "command" not in c and "args" not in c, "the image's CMD (resnest-serve) reads everything from env"
+    # KServe's Prometheus scraping annotations point at the app's own /metrics on the HTTP port.
+    annotations = runtime["spec"]["annotations"]
+    assert int(annotations["prometheus.kserve.io/port"]) == settings.port
+    assert annotations["prometheus.kserve.io/path"] in app_routes()
 
 
 def test_kserve_inference_service_uses_the_runtime_and_outlasts_its_shutdown_budget() -> None:
@@ -437,5 +492,14 @@ def test_kserve_inference_service_uses_the_runtime_and_outlasts_its_shutdown_bud
     assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
     assert model["storageUri"]
     (c,) = runtime["spec"]["containers"]
-    budget = manifest_settings(k8s_env(c)).shutdown_timeout_s
-    assert predictor["terminationGracePeriodSeconds"] >= budget + EXIT_MARGIN_S
+    settings = manifest_settings(k8s_env(c))
+    assert predictor["terminationGracePeriodSeconds"] >= settings.shutdown_timeout_s + EXIT_MARGIN_S
+    # The model's resources replace the runtime's: its memory limit must hold the worst case as well.
+    resources = model["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"])
+    limit = quantity(resources["limits"]["memory"])
+    assert MODEL_RSS_BYTES + settings.host_memory_bytes(224) <= limit
+    assert quantity(resources["requests"]["memory"]) <= limit
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    # Two container ports (REST and gRPC) need a plain Deployment: Knative routes one port per container.
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"

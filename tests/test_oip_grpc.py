@@ -368,3 +368,22 @@ def test_health_watch_reports_not_serving_when_draining_and_ends() -> None:
         server.loop.call_soon_threadsafe(setattr, server.state, "draining", True)
         rest = list(stream)  # ends by itself (within the 30 s timeout, which would raise DEADLINE_EXCEEDED)
         assert [m.status for m in rest] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
+def test_health_watch_sends_not_serving_even_when_the_drain_starts_while_it_waits_at_a_yield() -> None:
+    """The race the in-process test can hit: the flag turns between one message and the generator's resumption."""
+    from types import SimpleNamespace
+
+    from service.grpc.health import HealthServicer
+
+    state = SimpleNamespace(draining=False, registry=SimpleNamespace(models={}))
+    state.not_ready_reasons = lambda: ["draining"] if state.draining else []
+    watch = HealthServicer(state).Watch(health_pb2.HealthCheckRequest(service=""), None)  # type: ignore[arg-type]
+
+    async def drive() -> list[int]:
+        first = await watch.__anext__()
+        state.draining = True  # while the generator is suspended at its yield
+        return [first.status] + [m.status async for m in watch]
+
+    statuses = asyncio.run(drive())
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]

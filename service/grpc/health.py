@@ -44,11 +44,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
         last = None
         while True:  # until the client cancels, or the server drains
+            # Read before the status: once draining is seen, the status read after it is NOT_SERVING, and that
+            # is sent before the stream ends (the flag may turn while this generator waits at its yield).
+            draining = self.state.draining
             status = self.status(request.service)
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
-            if self.state.draining:
+            if draining:
                 # NOT_SERVING has been sent: end the stream, or the server's stop would wait out its whole
                 # grace for a stream that never ends by itself.
                 return
