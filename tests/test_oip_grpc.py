@@ -26,6 +26,7 @@ from service.app import create_app
 from service.core.settings import Settings
 from service.grpc.messages import METHODS, SERVICE
 from service.grpc.server import GrpcFront
+from service.grpc.servicer import CLOSING_MESSAGE
 from tests.conftest import ServerProcess, jpeg, wait_until
 from tests.fakes import FakeModel
 
@@ -214,9 +215,11 @@ def test_sigterm_under_grpc_load_loses_no_accepted_call(tmp_path: Path, tiny_onn
                     triton.infer("tiny", [bytes_input(PHOTOS[:2])], client_timeout=30)
                     outcome = "ok"
                 except InferenceServerException as exc:
-                    # Refused at the transport (the listener closed): never accepted. An answer from the
-                    # server itself (it carries our error code) or a cancellation would be a lost call.
-                    refused = exc.status() == "StatusCode.UNAVAILABLE" and "draining" not in exc.message()
+                    # Refused before any work, a status clients retry elsewhere: at the transport (the listener
+                    # closed) or by the server once it takes no new calls. Anything else (a cancellation, a
+                    # 503 for a call that was admitted and then dropped) would be a lost call.
+                    unavailable = exc.status() == "StatusCode.UNAVAILABLE"
+                    refused = unavailable and ("draining" not in exc.message() or CLOSING_MESSAGE in exc.message())
                     outcome = "refused" if refused else f"lost: {exc.status()} {exc.message()}"
                 with lock:
                     outcomes.append(outcome)

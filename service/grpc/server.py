@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from ..core.settings import LATE_REQUEST_WAIT_S
 from ..core.state import ServiceState
 from .health import HealthServicer
 from .servicer import InferenceServicer
@@ -31,7 +33,8 @@ class GrpcFront:
             # The hard backstop on messages held at once; the shared upload budget refuses before it.
             maximum_concurrent_rpcs=2 * settings.max_concurrent_requests,
         )
-        self.server.add_generic_rpc_handlers((InferenceServicer(state).handler(),))
+        self.servicer = InferenceServicer(state)
+        self.server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(state), self.server)
 
     async def start(self) -> int:
@@ -49,5 +52,17 @@ class GrpcFront:
         return self.port
 
     async def stop(self, grace: float) -> None:
-        """Refuse new calls at once; calls in flight get `grace` seconds to finish, then are cancelled."""
-        await self.server.stop(max(grace, 0.0))
+        """Refuse new calls at once; calls in flight get `grace` seconds to finish, then are cancelled.
+
+        grpc's own shutdown cancels (CANCELLED, which clients do not retry) a call that reaches the server in
+        the instant it shuts down. So the servicer first answers new calls itself, UNAVAILABLE before any
+        work, until those in flight are done and clients racing the close have had their answer; only then
+        does grpc shut down, with nothing left to cancel.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(grace, 0.0)
+        self.servicer.closing = True
+        await asyncio.sleep(min(LATE_REQUEST_WAIT_S, max(grace, 0.0)))
+        while self.servicer.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await self.server.stop(max(deadline - loop.time(), 0.0))

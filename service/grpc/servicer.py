@@ -48,6 +48,8 @@ STATUS: dict[int, grpc.StatusCode] = {
 # RPCs open without the API key, as their HTTP counterparts are: probes and the server's own metadata.
 OPEN_RPCS = frozenset({"ServerLive", "ServerReady", "ModelReady", "ServerMetadata"})
 QUIET_RPCS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+# The answer to a call that arrives once the server stops taking calls: nothing was done, retry elsewhere.
+CLOSING_MESSAGE = "the server is shutting down and takes no new calls: send this one to another replica"
 _WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 Handler = Callable[[Message, grpc.aio.ServicerContext, SimpleNamespace], Awaitable[Message]]
 
@@ -76,6 +78,10 @@ class InferenceServicer:
     def __init__(self, state: ServiceState) -> None:
         self.state = state
         self._key = state.settings.api_key.get_secret_value().encode() if state.settings.api_key else None
+        # Set once the drain grace is over (GrpcFront.stop): new calls are refused before any work, with a
+        # status clients retry elsewhere, while those in flight (counted here) finish.
+        self.closing = False
+        self.inflight = 0
 
     # -- registration, and what every RPC shares: key, request id, errors, metrics, access record --------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -111,7 +117,10 @@ class InferenceServicer:
             token = request_id_var.set(record.request_id)
             code, error = Code.OK, None
             metrics.inflight.inc()
+            self.inflight += 1
             try:
+                if self.closing and name not in OPEN_RPCS:
+                    raise ServiceError("draining", CLOSING_MESSAGE)
                 if guarded:
                     self._check_key(context)
                 response = await fn(request, context, record)
@@ -128,6 +137,7 @@ class InferenceServicer:
                 code, error = Code.INTERNAL, ServiceError("internal_error", "the server failed to answer")
             finally:
                 metrics.inflight.dec()
+                self.inflight -= 1
                 elapsed = time.perf_counter() - record.started
                 metrics.requests.labels(route, code.name).inc()
                 metrics.latency.labels(route).observe(elapsed)
