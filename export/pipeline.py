@@ -105,8 +105,9 @@ def export_model(
 
     int8: the fp32 graph, once its parity is proven, is quantized with `recipe`, calibrated on `calibration`
     (default: the bundled photographs), and compared with fp32 on `heldout` (default: the held-out
-    photographs; labelled images are also scored), which calibration must not contain; the report goes to
-    `<output>.accuracy.json` and into the card.
+    photographs, which judge nothing of another domain: for a folder of one's own, int8.split_calibration
+    gives both; labelled images are also scored), which calibration must not contain; the report goes to
+    `<output>.accuracy.json` (naming every held-out file) and into the card.
 
     `input_format` (default: `cfg`'s) "uint8-nhwc": the proven graph gets a uint8 [N, S, S, 3] input that it
     casts, normalises and transposes itself (export/device_input.py), checked against the float graph on the
@@ -188,6 +189,7 @@ def export_model(
         accuracy = int8.evaluate(fp32.SerializeToString(), final.SerializeToString(), heldout, float_cfg,
                                  trained=weights.get("sha256") != "random")  # fmt: skip
         accuracy_path = output.with_suffix(".accuracy.json" if accuracy["passed"] else ".accuracy-failed.json")
+        log(int8.heldout_line(accuracy["heldout"], accuracy_path))
         log(json.dumps({k: accuracy[k] for k in ("agreement", "accuracy") if k in accuracy}, indent=2))
         if not accuracy["passed"]:
             _write_report(accuracy_path, accuracy)
@@ -211,6 +213,8 @@ def export_model(
             "float_ops": dict(Counter(float_nodes.values())),
             "accuracy": {k: v for k, v in accuracy.items() if k not in ("failures", "providers")},
         }
+        if heldout.labels is not None:  # --eval's: all of its folder, whose names would bloat every GET /model
+            quantization["accuracy"]["heldout"] = {k: v for k, v in accuracy["heldout"].items() if k != "files"}
         histograms["int8"] = hist
 
     input_report: dict[str, Any] | None = None

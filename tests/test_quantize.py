@@ -100,6 +100,71 @@ def test_heldout_images_that_calibration_saw_are_refused(tmp_path: Path) -> None
         int8.check_unseen(int8.labelled_set(tmp_path / "eval", ("cat",)), int8.calibration_set(tmp_path / "cal", 8))
 
 
+def class_sorted(directory: Path, classes: str = "abcde", per_class: int = 10) -> list[str]:
+    """A folder of one subfolder per class, every file distinct; its relative paths in sorted order."""
+    for c, cls in enumerate(classes):
+        for i in range(per_class):
+            write(directory / cls / f"{i}.png", png(c * per_class + i))
+    return [f"{cls}/{i}.png" for cls in classes for i in range(per_class)]
+
+
+def test_a_calibration_folder_without_eval_holds_one_file_in_five_out_evenly(tmp_path: Path) -> None:
+    names = class_sorted(tmp_path)  # 5 classes x 10 files, sorted by class
+    calibration, heldout = int8.split_calibration(tmp_path, 256)
+    # The middle file of each run of 5: two files of every class, whatever the folder's order.
+    assert heldout.names == tuple(names[i] for i in (2, 7, 12, 17, 22, 27, 32, 37, 42, 47))
+    assert {n.split("/")[0] for n in heldout.names} == set("abcde") == {n.split("/")[0] for n in calibration.names}
+    assert set(heldout.names).isdisjoint(calibration.names) and len(heldout) + len(calibration) == 50
+    assert set(heldout.digests).isdisjoint(calibration.digests)
+    int8.check_unseen(heldout, calibration)
+    assert heldout.labels is None and calibration.labels is None
+    assert (
+        heldout.source == f"{tmp_path} (held out: 10 of its 50 files, 1 in 5, evenly spread; not used for calibration)"
+    )
+    assert calibration.source == f"{tmp_path} (its 40 files not held out)"
+    again = int8.split_calibration(tmp_path, 256)
+    assert (again[0].digest(), again[1].digest()) == (calibration.digest(), heldout.digest())  # deterministic
+    # --calibration-limit spreads over the calibration part alone; the held-out part does not move.
+    limited, same = int8.split_calibration(tmp_path, 5)
+    assert limited.names == ("a/0.png", "b/3.png", "c/5.png", "d/6.png", "e/9.png") and same.names == heldout.names
+    with pytest.raises(int8.QuantizeInputError, match="at least one image"):
+        int8.split_calibration(tmp_path, 0)
+
+
+def test_heldout_positions_keep_8_to_256_files() -> None:
+    assert int8.heldout_positions(16) == [1, 3, 5, 7, 9, 11, 13, 15]  # 8 held out, 8 calibrate
+    assert int8.heldout_positions(100) == list(range(2, 100, 5))
+    for count in (16, 17, 39, 41, 200, 1437, 1280, 50_000):
+        positions = int8.heldout_positions(count)
+        assert len(positions) == min(max(count // 5, 8), 256) and positions == sorted(set(positions))
+        assert positions[0] >= 0 and positions[-1] < count
+
+
+def test_a_heldout_copy_of_a_calibration_image_is_left_out(tmp_path: Path) -> None:
+    class_sorted(tmp_path)
+    write(tmp_path / "a" / "2.png", png(0))  # held out, with the bytes of a/0.png, which calibrates
+    calibration, heldout = int8.split_calibration(tmp_path, 256)
+    assert "a/2.png" not in heldout.names and len(heldout) == 9 and "a/0.png" in calibration.names
+    assert heldout.source.endswith("; 1 with the bytes of a calibration image left out)")
+    int8.check_unseen(heldout, calibration)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ([png(i) for i in range(15)], r"15 image file\(s\) are too few .* or pass --eval"),
+        ([png(7)] * 20, r"only 0 held-out file\(s\) differ from every calibration image .* or pass --eval"),
+    ],
+)
+def test_a_calibration_folder_too_small_to_split_is_refused_naming_eval(
+    tmp_path: Path, files: list[bytes], message: str
+) -> None:
+    for i, blob in enumerate(files):
+        write(tmp_path / f"{i:02d}.png", blob)
+    with pytest.raises(int8.QuantizeInputError, match=message):
+        int8.split_calibration(tmp_path, 256)
+
+
 # --- the figures and the gate -------------------------------------------------------------------------------------
 
 
@@ -224,6 +289,7 @@ def test_int8_export_writes_a_qdq_graph_with_float_interface_and_its_record(tiny
     # The reports sit beside the model: parity of the fp32 graph, accuracy of int8 against it.
     accuracy = json.loads(tiny_int8.path.with_suffix(".accuracy.json").read_text())
     assert accuracy["passed"] is True and accuracy["heldout"]["images"] == 60 and "accuracy" not in accuracy
+    assert q["accuracy"]["heldout"]["files"][:2] == ["brick.png#0", "brick.png#1"] == accuracy["heldout"]["files"][:2]
     assert accuracy["agreement"] == q["accuracy"]["agreement"]
     assert tiny_int8.path.with_suffix(".parity.json").is_file()
     fig = accuracy["agreement"]

@@ -3,13 +3,15 @@
 The model is the fine-tuning test's (bench/train_digits.py, cached by its config hash): calibrated on scans of
 its training split and scored on the 360 held-out scans it never saw, in one folder per label as --eval reads
 them, the int8 model must stay within 1 point of fp32's held-out accuracy. A calibration that cannot work (one
-blank scan) must fail the export with status 1 and write no model.
+blank scan) must fail the export with status 1 and write no model. Without --eval, int8 is judged on a part of
+the calibration folder held out of it, not on the bundled photographs, which say nothing of scans.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import pytest
 from PIL import Image
 
 from bench import train_digits
+from export import quantize as int8
 from modelcard import ModelCard
 from tests.conftest import ROOT
 from tests.test_finetune_digits import digits_model  # noqa: F401 - the shared, cached session fixture
@@ -30,6 +33,9 @@ from tests.test_finetune_digits import digits_model  # noqa: F401 - the shared, 
 LABELS = list(train_digits.LABELS)
 # Calibration scans from the training split: enough to see every class's strokes, few enough to stay quick.
 CALIBRATION_IMAGES = 128
+# The finding the default check's test reproduces: 200 scans to calibrate and no --eval. Judged on the bundled
+# photographs instead, the export was refused (cosine mean 0.979 < 0.98, confident top-1 agreement 0.84 < 0.98).
+UNLABELLED_SCANS = 200
 
 
 def png(image: np.ndarray) -> bytes:
@@ -177,3 +183,39 @@ def test_held_out_images_must_be_unseen_and_name_classes(
     proc = export_cli(*train_digits.export_args(digits_model, out), "--calibration", str(calibration))
     assert proc.returncode == 2 and "--calibration: only for --precision int8" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_without_eval_int8_is_judged_on_scans_held_out_of_the_calibration_folder(
+    digits_model: train_digits.DigitsModel,  # noqa: F811
+    digit_dirs: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for path in int8.spread(sorted(digit_dirs[0].glob("*.png")), UNLABELLED_SCANS):
+        shutil.copyfile(path, scans / path.name)
+    out = tmp_path / "digits-int8.onnx"
+    proc = export_cli(*train_digits.export_args(digits_model, out), "--precision", "int8", "--calibration", str(scans))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in scans.iterdir())
+    held = [name for i, name in enumerate(files) if i % 5 == 2]  # the middle file of each run of 5
+    rest = [name for name in files if name not in held]
+
+    def digest(names: list[str]) -> str:
+        return int8.ImageSet(tuple(names), tuple((scans / n).read_bytes() for n in names), "").digest()
+
+    q = Int8Export(out, proc.stderr, scans).card.quantization
+    source = f"{scans} (held out: 40 of its 200 files, 1 in 5, evenly spread; not used for calibration)"
+    want = {"source": source, "images": 40, "sha256": digest(held), "labelled": False, "files": held}
+    assert q["accuracy"]["heldout"] == want and "photographs" not in source
+    assert q["calibration"] == {**q["calibration"], "images": 160, "sha256": digest(rest),
+                                "source": f"{scans} (its 160 files not held out)"}  # fmt: skip
+    report = json.loads(out.with_suffix(".accuracy.json").read_text())
+    assert report["heldout"] == want and "accuracy" not in report  # unlabelled: agreement with fp32 alone
+    assert report["passed"] and report["thresholds"]["weights"] == "trained"
+    assert f"int8 judged on 40 held-out images from {source}, sha256 {want['sha256']}: {held[0]}, " in proc.stderr
+    fig = report["agreement"]
+    print(f"\ndigits int8, calibrated on 160 of {UNLABELLED_SCANS} scans, judged on the other 40: top-1 agreement "
+          f"{fig['top1_agreement']:.4f} (confident {fig['confident_top1_agreement']:.4f} on "
+          f"{fig['confident_images']}), embedding cosine min {fig['embedding_cosine_min']:.4f} mean "
+          f"{fig['embedding_cosine_mean']:.5f}")  # fmt: skip
