@@ -23,7 +23,14 @@ from .native.routes import build_router
 from .oip.routes import build_oip_router
 from .oip.schemas import components as oip_components
 from .page import build_page_router
-from .web.middleware import LingeringCloseMiddleware, RequestContextMiddleware, UploadLimitMiddleware
+from .web.auth import AuthMiddleware
+from .web.middleware import (
+    BodyDeadlineMiddleware,
+    LingeringCloseMiddleware,
+    RequestContextMiddleware,
+    UploadLimitMiddleware,
+)
+from .web.routing import RouteTable
 
 log = logging.getLogger("service")
 # How long a refused upload may keep sending before the server closes on it: enough for a 20 MiB body at
@@ -106,19 +113,25 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
     )
     app.state.service = state
     install_handlers(app)
-    app.include_router(build_router(state))
-    app.include_router(build_oip_router(state))  # the Open Inference Protocol v2 over the same request path
+    routers = [build_router(state), build_oip_router(state), build_page_router()]
+    for router in routers:  # the service's own API, the Open Inference Protocol v2, and GET / (the page)
+        app.include_router(router)
     _document_oip_bodies(app)
-    app.include_router(build_page_router())  # GET /, public and outside the OpenAPI schema
+    routes = RouteTable([*app.router.routes, *(route for router in routers for route in router.routes)])
+    # Innermost first. A request meets them in the reverse order: its route and id, its key (before any body
+    # byte), its body's deadline, then the upload limits.
     app.add_middleware(
         UploadLimitMiddleware,
         max_bytes=settings.max_upload_bytes,
         overloaded=state.overloaded,
         budget=state.uploads,
     )
+    app.add_middleware(BodyDeadlineMiddleware, timeout_s=settings.body_timeout_s, min_rate=settings.body_min_rate)
+    app.add_middleware(AuthMiddleware, settings=settings)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
+        routes=routes,
         draining=lambda: state.draining,
         model=lambda: state.registry.default_name(),
     )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.core.batcher import Batcher
+from service.core.batcher import Batcher, InferenceFailed
 from service.core.runtime import OrtModel, warm_up
 from service.core.settings import Settings
 from tests.conftest import TINY_SIZE, run
@@ -63,25 +64,45 @@ def test_cuda_graphs_without_io_binding_name_the_missing_setting(tiny_onnx: Path
 
 def test_the_batcher_stacks_into_the_models_buffer(tiny_onnx: Path) -> None:
     model = _model(tiny_onnx)
-    seen: list[np.ndarray] = []
-    original = model.infer
-
-    def spy(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        seen.append(batch)
-        return original(batch)
-
-    model.infer = spy  # type: ignore[method-assign]
+    images = _images(2)
 
     async def main() -> None:
         batcher = Batcher(model, max_batch=4, max_queue=8, cut_to=[1, 2, 4])
         batcher.start()
-        ticket = batcher.submit(list(_images(2)), timeout=30.0)
+        ticket = batcher.submit(list(images), timeout=30.0)
         await ticket.future
         await batcher.stop(1.0)
 
     run(main())
-    assert seen and seen[0] is model.input_buffer(2)  # written once, where the runtime reads it
-    assert model.input_buffer(3) is None  # not a warmed shape: the batcher allocates as before
+    with model.input_buffer(2) as buffer:
+        assert buffer is not None  # written once, where the runtime reads it
+        np.testing.assert_array_equal(buffer, images)
+    with model.input_buffer(3) as buffer:
+        assert buffer is None  # not a warmed shape: the batcher allocates as before
+
+
+def test_a_batch_that_cannot_be_stacked_fails_its_requests_and_the_worker_goes_on(tiny_onnx: Path) -> None:
+    model = _model(tiny_onnx)
+
+    async def main() -> tuple[BaseException | None, bool, np.ndarray]:
+        batcher = Batcher(model, max_batch=4, max_queue=8, max_delay=0.2, cut_to=[1, 2, 4])
+        batcher.start()
+        # Two requests whose rows differ in shape land in one batch: stacking them fails (on the inference
+        # thread, inside the batch's try), and only their requests fail.
+        bad = batcher.submit([_images(1)[0][:, :8, :8]], timeout=30.0)
+        good_shape = batcher.submit(list(_images(1)), timeout=30.0)
+        # (A worker that died on the batch would leave these futures unresolved: 30 s is a hang guard.)
+        await asyncio.wait_for(asyncio.gather(bad.future, good_shape.future, return_exceptions=True), 30)
+        after = batcher.submit(list(_images(1, 3)), timeout=30.0)
+        logits, _ = await batcher.wait(after)
+        alive = batcher.alive
+        await batcher.stop(1.0)
+        return bad.future.exception(), alive, logits
+
+    error, alive, logits = run(main())
+    assert isinstance(error, InferenceFailed)
+    assert alive  # the worker survived the batch, and /healthz stays 200
+    np.testing.assert_array_equal(logits, _model(tiny_onnx, io_binding=False).infer(_images(1, 3))[0])
 
 
 def test_a_batch_of_the_wrong_dtype_is_refused(tiny_onnx: Path) -> None:

@@ -19,7 +19,8 @@ from service.core.batcher import Batcher
 from service.core.errors import ServiceError
 from service.core.settings import DECODE_BYTES_PER_PIXEL, Settings
 from service.web.middleware import UploadLimitMiddleware
-from tests.conftest import ROOT, run
+from service.web.routing import RouteMatch
+from tests.conftest import ROOT, run, until
 from tests.fakes import FAKE_SIZE, FakeModel, fake_outputs
 
 BOUNDARY = "limits-boundary"
@@ -39,7 +40,14 @@ class _Upload:
         headers = [(b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode())]
         if not chunked:
             headers.append((b"content-length", str(len(body)).encode()))
-        self.scope = {"type": "http", "path": "/classify", "method": "POST", "headers": headers, "state": {}}
+        route = RouteMatch("/classify", "classify")  # as RequestContextMiddleware matches it
+        self.scope = {
+            "type": "http",
+            "path": "/classify",
+            "method": "POST",
+            "headers": headers,
+            "state": {"route": route},
+        }
         step = -(-len(body) // chunks)
         self.parts = [body[i : i + step] for i in range(0, len(body), step)]
         self.release = asyncio.Event()  # the app holds the request (as a decode or a queue would) until set
@@ -82,8 +90,7 @@ def test_bodies_held_at_once_are_capped_by_bytes_and_the_cap_frees_as_they_end(c
         middleware = UploadLimitMiddleware(_holding_app(uploads), max_bytes=8000, max_buffered=10_000)
         first = _Upload(middleware, _body(6000), chunked)
         uploads.append(first)
-        while middleware.buffered < 6000:  # read whole and held
-            await asyncio.sleep(0)
+        await until(lambda: middleware.buffered >= 6000)  # read whole and held
         second = _Upload(middleware, _body(6000), chunked)  # 12,000 bytes would be held: over the budget
         uploads.append(second)
         await second.task

@@ -163,7 +163,7 @@ def test_grpc_answers_what_classify_embed_and_oip_http_answer(
         ("wrong_shape", grpc.StatusCode.INVALID_ARGUMENT, "must be FP32 [N, 3, 64, 64]"),
         ("not_an_image", grpc.StatusCode.INVALID_ARGUMENT, "image 0"),
         ("too_many", grpc.StatusCode.INVALID_ARGUMENT, "at most 8 images"),
-        ("bad_version", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
+        ("bad_version", grpc.StatusCode.INVALID_ARGUMENT, "is not a model version"),
         ("unknown_version", grpc.StatusCode.NOT_FOUND, "no version 3"),
         ("over_limit", grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
     ],

@@ -42,20 +42,29 @@ KEY = "repository-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+CONTROL_KEY = "repository-control-key"
+
+
 def auth() -> dict[str, str]:
     """The key as headers; a fresh dict each call, since tritonclient adds its own headers to the one given."""
     return dict(AUTH)
 
 
+def control() -> dict[str, str]:
+    """The control key as headers: loading and unloading need it, not the API key."""
+    return {"Authorization": f"Bearer {CONTROL_KEY}"}
+
+
 @pytest.fixture
 def server(server_factory, repository: Path):  # type: ignore[no-untyped-def]
-    """Model control on (it needs the API key): every call below carries AUTH."""
+    """Model control on (it needs the control key): loads and unloads carry it, every other call AUTH."""
     return server_factory(
         {
             "RESNEST_MODEL_REPOSITORY": str(repository),
             "RESNEST_MAX_IMAGES_PER_REQUEST": "8",
             "RESNEST_MODEL_CONTROL": "true",
             "RESNEST_API_KEY": KEY,
+            "RESNEST_CONTROL_KEY": CONTROL_KEY,
         }
     )
 
@@ -192,8 +201,13 @@ def test_errors_use_the_protocols_form_and_the_error_tables_status(
     status: int,
     message: str,  # type: ignore[no-untyped-def, type-arg]
 ) -> None:
+    headers = control() if path.startswith("/v2/repository/models/") else auth()
     with http_for(server) as http:
-        answer = http.post(path, json=body) if isinstance(body, dict) else http.post(path, content=body)
+        answer = (
+            http.post(path, json=body, headers=headers)
+            if isinstance(body, dict)
+            else http.post(path, content=body, headers=headers)
+        )
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert isinstance(error, str) and message in error
@@ -220,7 +234,7 @@ def test_load_and_unload_under_load_lose_no_request_of_the_other_model(server, r
     worker = threading.Thread(target=hammer, daemon=True)
     worker.start()
     try:
-        client.unload_model("digits", headers=auth())
+        client.unload_model("digits", headers=control())
         assert not client.is_model_ready("digits")
         with http_for(server) as http:
             gone = http.post("/classify", params={"model": "digits"}, files=uploads(PHOTOS[:1]))
@@ -229,17 +243,19 @@ def test_load_and_unload_under_load_lose_no_request_of_the_other_model(server, r
         good = (repository / "tiny" / "2" / "model.onnx").read_bytes()
         (repository / "tiny" / "2" / "model.onnx").write_bytes(b"not an onnx file")
         with pytest.raises(InferenceServerException, match="failed to load 'tiny'") as failed:
-            client.load_model("tiny", headers=auth())
+            client.load_model("tiny", headers=control())
         assert str(repository) not in str(failed.value), "the cause is for the server log, not the client"
         assert "loading model 'tiny' failed" in server.log()
         (repository / "tiny" / "2" / "model.onnx").write_bytes(good)
         index = {(m["name"], m["version"]): m for m in client.get_model_repository_index(headers=auth())}
         assert index[("tiny", "2")]["state"] == "READY"
         assert index[("digits", "1")]["state"] == "UNAVAILABLE"
-        client.load_model("digits", headers=auth())
+        client.load_model("digits", headers=control())
         assert client.is_model_ready("digits")
         before = len(statuses)
-        client.load_model("tiny", headers=auth())  # a reload under load: the new session takes over, the old one drains
+        client.load_model(
+            "tiny", headers=control()
+        )  # a reload under load: the new session takes over, the old one drains
         while len(statuses) < before + 10:  # the new session answers too
             assert worker.is_alive()
             time.sleep(0.05)
@@ -270,7 +286,7 @@ def test_an_unload_finishes_the_requests_in_flight(server) -> None:  # type: ign
         while requester.is_alive() and held not in httpx.get(f"{server.url}/metrics").text:
             time.sleep(0.001)
         if requester.is_alive():  # it has resolved the model and is being answered: unload now
-            client.unload_model("digits", headers=auth())
+            client.unload_model("digits", headers=control())
             requester.join(timeout=120)
             assert results == [200]
             return

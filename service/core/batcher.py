@@ -9,6 +9,7 @@ runs on one dedicated thread so the event loop keeps answering (health checks in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections import deque
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .runtime import InferenceModel
+from .runtime import InferenceModel, stack
 
 log = logging.getLogger("service.batcher")
 
@@ -306,7 +307,6 @@ class Batcher:
     async def _run(self, items: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
         padded = self._padded(len(items))
-        batch = self._stack(items, padded)
         tickets = list(dict.fromkeys(item.ticket for item in items))
         start = loop.time()
         for ticket in tickets:
@@ -315,7 +315,9 @@ class Batcher:
                 self.observer.on_queue_wait(ticket.queue_wait)
         self._running_since, self._inflight = start, tickets
         try:
-            self._call = self._executor.submit(self.model.infer, batch)
+            # Stacking runs on the inference thread too, inside the try: a batch that cannot be stacked (rows
+            # of another shape) fails its own requests, and the worker goes on to the next.
+            self._call = self._executor.submit(self._infer, [item.array for item in items], padded)
             logits, embedding = await asyncio.wrap_future(self._call)
         except Exception:
             log.exception("inference failed on a batch of %d image(s); failing only its requests", len(items))
@@ -345,24 +347,17 @@ class Batcher:
                 ticket.future.set_result(None)
         self._inflight = []  # answered: nothing of this batch is left for a failure to reach
 
-    def _stack(self, items: list[_Item], padded: int) -> np.ndarray:
-        """The batch in the model's input dtype (uint8 for a uint8-nhwc model), padding rows zero.
+    def _infer(self, rows: list[np.ndarray], padded: int) -> tuple[np.ndarray, np.ndarray]:
+        """On the inference thread: the batch in the model's input dtype (uint8 stays uint8), padding rows zero.
 
-        A model with `input_buffer(n)` (OrtModel with IO binding) lends its reused, pinned where it can be,
-        host buffer for the shape, so the images are written once, where the copy to the device reads them.
-        Only one batch runs at a time, so the buffer is free again by the next stack.
+        A model that lends `input_buffer(n)` (OrtModel with IO binding) holds itself for the block, so its
+        reused host buffer of the shape (pinned on CUDA) is written once, where the copy to the device reads
+        it, and run before any other batch can touch it.
         """
-        shape = (padded, *items[0].array.shape)
-        # uint8 stays uint8 (4x fewer bytes, normalised in the graph); anything else is the float32 input.
-        dtype = np.dtype(np.uint8) if items[0].array.dtype == np.uint8 else np.dtype(np.float32)
+        dtype = np.dtype(np.uint8) if rows[0].dtype == np.uint8 else np.dtype(np.float32)
         lend = getattr(self.model, "input_buffer", None)
-        batch = lend(padded) if lend is not None else None
-        if batch is None or batch.shape != shape or batch.dtype != dtype:
-            batch = np.empty(shape, dtype=dtype)
-        for i, item in enumerate(items):
-            batch[i] = item.array
-        batch[len(items) :] = 0
-        return batch
+        with lend(padded) if lend is not None else contextlib.nullcontext() as buffer:
+            return self.model.infer(stack(rows, padded, rows[0].shape, dtype, buffer))
 
     def _fail_all(self, exc: Exception) -> None:
         for item in self._queue:

@@ -35,6 +35,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "image_too_large": (413, "the image exceeds the pixel limit"),
     "too_many_images": (413, "the request holds more images than allowed"),
     "unsupported_media_type": (415, "unsupported content type"),
+    "request_timeout": (408, "the request body did not arrive in time"),
     "invalid_parameter": (422, "invalid request parameters"),
     "overloaded": (429, "the server is at capacity; retry later"),
     "client_closed_request": (499, "the client closed the connection before the answer was ready"),
@@ -86,7 +87,7 @@ _STATUS_CODES = {400: "malformed_request", 401: "unauthorized", 404: "not_found"
 
 
 def install_handlers(app: FastAPI) -> None:
-    """Route every exception to a body from the table."""
+    """Route every error to a body from the table (what escapes them, RequestContextMiddleware answers 500)."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -101,8 +102,3 @@ def install_handlers(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {_client_message(e)}" for e in exc.errors()[:5]]
         return error_response(request, "invalid_parameter", "; ".join(problems) or ERRORS["invalid_parameter"][1])
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error (request %s)", getattr(request.state, "request_id", "-"))
-        return error_response(request, "internal_error", "internal error")

@@ -20,9 +20,10 @@ from prometheus_client import Gauge
 
 from .batcher import Batcher
 from .errors import ServiceError
+from .identifiers import is_model_name
 from .limits import check_memory, memory_limit_bytes, rss_bytes
 from .metrics import Metrics
-from .repository import ModelEntry, RepositoryError, VersionPolicy, read_model, scan
+from .repository import ModelEntry, RepositoryError, VersionPolicy, model_folder, read_model, scan
 from .runtime import InferenceModel, ModelLoadError, OrtModel, warm_up
 from .settings import Settings
 
@@ -49,7 +50,9 @@ class ServedModel:
     loaded_at: float = field(default_factory=time.time)
     unloading: bool = False
     inflight: int = 0  # requests that resolved to this version and have not been answered
-    inflight_gauge: Gauge | None = None  # the same count in /metrics
+    # The same count in /metrics: this version's own series, held rather than looked up by its labels, so a
+    # request that ends after an unload removed the series cannot bring it back (at -1).
+    inflight_series: Gauge | None = None
 
     @property
     def ready(self) -> bool:
@@ -59,14 +62,14 @@ class ServedModel:
     def use(self) -> Iterator[ServedModel]:
         """Count a request against this version for as long as it is being answered (unload waits on it)."""
         self.inflight += 1
-        if self.inflight_gauge is not None:
-            self.inflight_gauge.labels(self.name, str(self.version)).inc()
+        if self.inflight_series is not None:
+            self.inflight_series.inc()
         try:
             yield self
         finally:
             self.inflight -= 1
-            if self.inflight_gauge is not None:
-                self.inflight_gauge.labels(self.name, str(self.version)).dec()
+            if self.inflight_series is not None:
+                self.inflight_series.dec()
 
 
 @dataclass
@@ -122,7 +125,8 @@ class Registry:
                 )
         versions = self.models.get(name)
         if not versions:
-            raise ServiceError("model_not_found", f"unknown model {name!r}; available: {available}")
+            shown = repr(name) if is_model_name(name) or len(name) <= 64 else f"{name[:64]!r}..."
+            raise ServiceError("model_not_found", f"unknown model {shown}; available: {available}")
         if version is None:
             version = max(versions)
         served = versions.get(version)
@@ -157,7 +161,10 @@ class Registry:
             raise ModelLoadError(f"model {name!r} version {version}: the file's parity report failed")
         shapes = settings.batch_shapes()
         log.info("warming up %s version %d: batch sizes %s", name, version, shapes)
-        await asyncio.to_thread(warm_up, model, shapes)
+        try:
+            await asyncio.to_thread(warm_up, model, shapes)
+        except Exception as exc:  # the runtime's own errors (a CUDA out-of-memory at the largest batch, say)
+            raise ModelLoadError(f"model {name!r} version {version} failed its warm-up: {exc}") from exc
         batcher = Batcher(
             model,
             max_batch=settings.max_batch_size,
@@ -170,7 +177,7 @@ class Registry:
         batcher.start()
         memory = max(rss_bytes() - before, 0)
         served = ServedModel(name, version, model, batcher, str(path) if path else "in-process", memory)
-        served.inflight_gauge = self.metrics.model_inflight
+        served.inflight_series = self.metrics.model_inflight.labels(name, str(version))
         card = model.card
         if card.warning:
             log.warning("%s (model %s version %d)", card.warning, name, version)
@@ -217,6 +224,7 @@ class Registry:
             except Exception as exc:
                 for served in built:
                     await served.batcher.stop(0)
+                    self._forget(served)  # its series, unless the version it would have replaced owns them
                 self.failures[entry.name] = str(exc)
                 raise
             self.failures.pop(entry.name, None)
@@ -236,8 +244,9 @@ class Registry:
         root = self.settings.model_repository
         if root is None:
             raise ServiceError("invalid_parameter", "no model repository is configured (RESNEST_MODEL_REPOSITORY)")
-        folder = root / name
-        if not folder.is_dir() or name.startswith("."):
+        folder = model_folder(root, name)
+        if folder is None:
+            # The same answer whatever is on disk outside the repository: no oracle on which directories exist.
             raise ServiceError("model_not_found", f"the repository has no model {name!r}")
         try:
             entry = read_model(folder)

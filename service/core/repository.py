@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .identifiers import NAME_RULE, VERSION, is_model_name
+
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _POLICY = re.compile(r"version_policy\s*:?\s*\{(?P<body>(?:[^{}]|\{[^{}]*\})*)\}", re.S)
 
 
@@ -90,14 +91,14 @@ class ModelEntry:
 def read_model(folder: Path) -> ModelEntry:
     """One `<repo>/<model>` folder -> its entry, or RepositoryError."""
     name = folder.name
-    if not _NAME.fullmatch(name):
-        raise RepositoryError(f"model folder {name!r}: names are 1-64 of [A-Za-z0-9_.-], starting alphanumeric")
+    if not is_model_name(name):
+        raise RepositoryError(f"model folder {name!r}: names are {NAME_RULE}")
     config = folder / CONFIG_FILE
     policy = parse_version_policy(config.read_text()) if config.is_file() else VersionPolicy()
     files = {
         int(v.name): v / MODEL_FILE
         for v in folder.iterdir()
-        if v.is_dir() and v.name.isdigit() and int(v.name) > 0 and (v / MODEL_FILE).is_file()
+        if v.is_dir() and VERSION.fullmatch(v.name) and (v / MODEL_FILE).is_file()
     }
     if not files:
         raise RepositoryError(f"model {name!r} has no version folder <N>/{MODEL_FILE}")
@@ -105,6 +106,22 @@ def read_model(folder: Path) -> ModelEntry:
     if not entry.selected:
         raise RepositoryError(f"model {name!r}: its version_policy selects none of the versions {sorted(files)}")
     return entry
+
+
+def model_folder(root: Path, name: str) -> Path | None:
+    """The folder of model `name` inside the repository `root`, or None when there is none.
+
+    `name` comes from a client: it must be one path segment of the name pattern (checked before the filesystem
+    is touched), and the folder it resolves to, symbolic links followed, must lie inside the repository.
+    """
+    if not is_model_name(name):
+        return None
+    folder = root / name
+    try:
+        inside = folder.resolve(strict=True).is_relative_to(root.resolve(strict=True))
+    except OSError:  # missing, a loop, unreadable: no such model either way
+        return None
+    return folder if inside and folder.is_dir() else None
 
 
 def scan(root: Path) -> dict[str, ModelEntry | RepositoryError]:

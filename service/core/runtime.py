@@ -10,10 +10,12 @@ shape (ORT's enable_cuda_graph with gpu_graph_id), captured during warm-up. Wher
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -170,7 +172,9 @@ class OrtModel:
     # -- IO binding and CUDA graphs ----------------------------------------------------------------------
     def _setup_binding(self, settings: Settings, graphs: bool, graph_error: str) -> None:
         """Decide the path each batch takes and record it in `acceleration` (GET /model shows it)."""
-        self._lock = threading.Lock()  # a binding is one set of buffers: one batch at a time
+        # A binding is one set of buffers: one batch at a time, from stacking into the host buffer (which holds
+        # the lock around infer) to the outputs' fetch. Re-entrant: infer takes it again inside that block.
+        self._lock = threading.RLock()
         self._slots: dict[int, _Slot] = {}
         on_cuda = self.providers[0] == CUDA
         self._device_id = settings.cuda_device_id
@@ -256,11 +260,13 @@ class OrtModel:
             slot = self._slots[n] = self._make_slot(n)
         return slot
 
-    def input_buffer(self, n: int) -> np.ndarray | None:
-        """The reused host buffer of batch shape `n` for the batcher to stack into; None: it has none."""
+    @contextlib.contextmanager
+    def input_buffer(self, n: int) -> Iterator[np.ndarray | None]:
+        """The reused host buffer of batch shape `n` (None outside the warmed set), the model held for the
+        block: the batcher stacks into it and infers it before any other batch can touch it."""
         with self._lock:
             slot = self._slot(n)
-        return None if slot is None else slot.host
+            yield None if slot is None else slot.host
 
     def _run_bound(self, slot: _Slot, images: np.ndarray) -> list[np.ndarray]:
         if images is not slot.host:
@@ -305,26 +311,32 @@ class OrtModel:
             )
         self._outputs: list[str] = list(card.outputs)
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One batch through IO binding when its shape is warmed and binding is on, else session.run."""
+    def _check_input(self, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         pre = self.card.preprocess
-        if images.dtype != np.dtype(pre.input_dtype) or images.shape[1:] != pre.input_shape:
+        if dtype != np.dtype(pre.input_dtype) or shape != pre.input_shape:
             raise ValueError(
                 f"this model takes {pre.input_dtype} [N, {', '.join(map(str, pre.input_shape))}] "
-                f"({pre.input_format}), got {images.dtype} {list(images.shape)}"
+                f"({pre.input_format}), got {dtype} {list(shape)}"
             )
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One batch through IO binding when its shape is warmed and binding is on, else session.run."""
+        self._check_input(images.dtype, images.shape[1:])
         with self._lock:
-            slot = self._slot(len(images))
-            if slot is not None:
-                outputs = self._run_bound(slot, images)
-                if self._graphs and len(images) not in self.acceleration["cuda_graphs"]["captured"]:
-                    self.acceleration["cuda_graphs"]["captured"].append(len(images))
-            else:
-                # Shapes outside the warmed set; a graph session skips capture and replay for them.
-                options = self._plain_options if self._graphs else None
-                outputs = self.session.run(self._outputs, {INPUT: images}, options)
+            return self._run(images, self._slot(len(images)))
+
+    def _run(self, batch: np.ndarray, slot: _Slot | None) -> tuple[np.ndarray, np.ndarray]:
+        """Called with the lock held."""
+        if slot is not None:
+            outputs = self._run_bound(slot, batch)
+            if self._graphs and len(batch) not in self.acceleration["cuda_graphs"]["captured"]:
+                self.acceleration["cuda_graphs"]["captured"].append(len(batch))
+        else:
+            # Shapes outside the warmed set; a graph session skips capture and replay for them.
+            options = self._plain_options if self._graphs else None
+            outputs = self.session.run(self._outputs, {INPUT: batch}, options)
         if not self.card.has_classifier:
-            return np.zeros((len(images), 0), dtype=np.float32), outputs[0]
+            return np.zeros((len(batch), 0), dtype=np.float32), outputs[0]
         return outputs[0], outputs[1]
 
     @property
@@ -332,6 +344,18 @@ class OrtModel:
         options = ort.RunOptions()
         options.add_run_config_entry(GRAPH_ID, NO_GRAPH)
         return options
+
+
+def stack(
+    rows: Sequence[np.ndarray], size: int, shape: tuple[int, ...], dtype: np.dtype, out: np.ndarray | None = None
+) -> np.ndarray:
+    """`rows` as one (size, *shape) batch of `dtype`, zero past the last row; written into `out` when given."""
+    if out is None or out.shape != (size, *shape) or out.dtype != dtype:
+        out = np.empty((size, *shape), dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i] = row
+    out[len(rows) :] = 0
+    return out
 
 
 def warm_up(model: InferenceModel, batch_sizes: list[int]) -> None:

@@ -46,8 +46,8 @@ class Settings(BaseSettings):
     )
     model_control: bool = Field(
         False,
-        description="allow POST /v2/repository/models/{m}/load and /unload (Triton's explicit mode); needs the "
-        "API key set",
+        description="allow POST /v2/repository/models/{m}/load and /unload and their gRPC RPCs (Triton's explicit "
+        "mode); needs RESNEST_CONTROL_KEY set",
     )
     default_model: str | None = Field(
         None, description="the model of requests that name none (default: the only one served)"
@@ -74,6 +74,25 @@ class Settings(BaseSettings):
         "beyond: 429",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="deadline per request, queueing included; then 504")
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a request body may pause this long between two reads, and gets this long plus what "
+        "RESNEST_BODY_MIN_RATE allows for the bytes it sent; past either: 408 and the connection closes",
+    )
+    body_min_rate: int = Field(
+        16 * 1024,
+        ge=1,
+        description="bytes per second a request body must average past its first RESNEST_BODY_TIMEOUT_S (a "
+        "trickling client is cut off as a silent one is)",
+    )
+    stall_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="a batch still inside the model after this long fails liveness (/healthz, /v2/health/live, "
+        "gRPC ServerLive), so the orchestrator restarts a process whose runtime is stuck; readiness fails after "
+        "RESNEST_REQUEST_TIMEOUT_S",
+    )
     max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="most bytes in one request body; beyond: 413")
     max_buffered_upload_bytes: int = Field(
         160 * 2**20,
@@ -128,8 +147,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="if set, 'Bearer <key>' is needed by /classify, /embed, /model and the /v2 metadata, config, "
-        "infer and repository routes, and as gRPC 'authorization' metadata by every RPC but the probes and server "
-        "metadata (health, readiness, /metrics, /docs and the page stay open)",
+        "infer and repository index routes, and as gRPC 'authorization' metadata by their RPCs, checked before "
+        "any body is read (health, readiness, server metadata, /metrics, /docs and the page stay open)",
+    )
+    control_key: SecretStr | None = Field(
+        None,
+        description="the key ('Bearer <key>') of model load and unload, over HTTP and gRPC; needed with "
+        "RESNEST_MODEL_CONTROL, and different from RESNEST_API_KEY (clients that may infer may not swap models)",
     )
     host: str = Field("0.0.0.0", description="listen address")
     port: int = Field(8000, ge=0, le=65535, description="listen port (0: any free port, logged at start)")
@@ -155,8 +179,14 @@ class Settings(BaseSettings):
             )
         if self.model_repository is not None and "model_path" in self.model_fields_set:
             raise ValueError("set model_path or model_repository, not both: a repository names its own files")
-        if self.model_control and self.api_key is None:
-            raise ValueError("model_control lets a client load and unload models: it needs api_key set too")
+        if self.model_control and self.control_key is None:
+            raise ValueError("model_control lets a client load and unload models: it needs control_key set too")
+        if (
+            self.control_key is not None
+            and self.api_key is not None
+            and (self.control_key.get_secret_value() == self.api_key.get_secret_value())
+        ):
+            raise ValueError("control_key equals api_key: every client that may infer could load and unload models")
         if self.max_upload_bytes > self.max_buffered_upload_bytes:
             raise ValueError(
                 f"max_upload_bytes ({self.max_upload_bytes}) exceeds max_buffered_upload_bytes "
@@ -196,13 +226,19 @@ class Settings(BaseSettings):
             n *= 2
         return [*sizes, self.max_batch_size]
 
+    def grpc_reads(self) -> int:
+        """gRPC messages read at once: grpc reads a message whole, so as many as the upload budget holds at the
+        largest size (at least one); the rest wait their turn."""
+        return max(1, self.max_buffered_upload_bytes // self.max_upload_bytes) if self.grpc_enabled else 0
+
     def host_memory_bytes(self, input_size: int, versions: int = 1) -> int:
         """Worst-case host memory the request path can hold at once, besides the models' own: decodes in
-        progress, each model version's queued input tensors and the uploads' in-memory parts."""
+        progress, each model version's queued input tensors, the uploads' in-memory parts and the gRPC
+        messages being read."""
         decoding = self.decode_threads * self.max_image_pixels * DECODE_BYTES_PER_PIXEL
         tensors = versions * (self.max_queue_size + self.max_batch_size) * 3 * input_size * input_size * 4
         uploads = min(self.max_buffered_upload_bytes, self.max_concurrent_requests * UPLOAD_PART_IN_MEMORY_BYTES)
-        return decoding + tensors + uploads
+        return decoding + tensors + uploads + self.grpc_reads() * self.max_upload_bytes
 
 
 def describe_settings() -> str:

@@ -12,13 +12,14 @@ from starlette.types import Scope
 from .admission import UploadBudget
 from .batcher import Batcher
 from .errors import ServiceError
+from .identifiers import parse_version
 from .metrics import Metrics
 from .registry import Registry, ServedModel
 from .runtime import InferenceModel
 from .settings import Settings
 
 # /v2/models/{model}[/versions/{version}]/infer: the model an OIP upload is for, read before its body.
-OIP_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?/infer$")
+OIP_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 
 
 @dataclass
@@ -95,24 +96,30 @@ class ServiceState:
     def _target(self, scope: Scope | None) -> ServedModel | None:
         """The model an upload names (query or OIP path), resolved without raising; None when unknown."""
         name: str | None = None
-        version: int | None = None
+        given: str | None = None
         if scope is not None:
             found = OIP_INFER.match(scope.get("path", ""))
             if found:
-                name, version = found["name"], int(found["version"]) if found["version"] else None
+                name, given = found["name"], found["version"]
             else:
                 query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-                name = query.get("model", [None])[0]
-                given = query.get("version", [None])[0]
-                version = int(given) if given and given.isdigit() else None
+                name, given = query.get("model", [None])[0], query.get("version", [None])[0]
         try:
-            return self.registry.resolve(name, version)
-        except ServiceError:
+            return self.registry.resolve(name, parse_version(given))
+        except ServiceError:  # the request's own handler answers it
             return None
 
-    @property
-    def worker_dead(self) -> bool:
-        """A batch worker ran and stopped on its own: the process can no longer serve that model."""
+    def liveness_failure(self) -> str | None:
+        """Why the process should be restarted (liveness fails), or None while it can serve: a batch worker
+        that stopped on its own, or a model call stuck past RESNEST_STALL_TIMEOUT_S (a hung runtime that no
+        request will ever get out of)."""
         if self.draining:
-            return False
-        return any(not s.batcher.alive and not s.unloading for s in self.registry.all())
+            return None
+        for served in self.registry.all():
+            if served.unloading:
+                continue
+            if not served.batcher.alive:
+                return "the batch worker died"
+            if served.batcher.stalled_for() > self.settings.stall_timeout_s:
+                return f"inference has been stuck for more than {self.settings.stall_timeout_s:g}s"
+        return None

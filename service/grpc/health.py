@@ -16,13 +16,17 @@ from .messages import SERVICE
 Status = health_pb2.HealthCheckResponse.ServingStatus
 # How often Watch looks for a change of status (a stream per watcher; each look is a few attribute reads).
 WATCH_INTERVAL_S = 0.5
+# Watch streams open at once. They need no key and last as long as their clients like, so they have a cap of
+# their own (beyond it: RESOURCE_EXHAUSTED), apart from inference: no number of watchers holds a call's place.
+MAX_WATCH_STREAMS = 1024
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """Check and Watch over the service's own readiness, read when asked (nothing to keep in sync)."""
 
-    def __init__(self, state: ServiceState) -> None:
-        self.state = state
+    def __init__(self, state: ServiceState, max_watchers: int = MAX_WATCH_STREAMS) -> None:
+        self.state, self.max_watchers = state, max_watchers
+        self.watchers = 0
 
     def status(self, service: str) -> Any:
         """SERVING or NOT_SERVING for a known service, SERVICE_UNKNOWN for any other name."""
@@ -42,12 +46,22 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        if self.watchers >= self.max_watchers:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {self.max_watchers} Watch streams")
+        self.watchers += 1
+        try:
+            async for response in self._watch(request.service):
+                yield response
+        finally:
+            self.watchers -= 1
+
+    async def _watch(self, service: str) -> AsyncIterator[Any]:
         last = None
         while True:  # until the client cancels, or the server drains
             # Read before the status: once draining is seen, the status read after it is NOT_SERVING, and that
             # is sent before the stream ends (the flag may turn while this generator waits at its yield).
             draining = self.state.draining
-            status = self.status(request.service)
+            status = self.status(service)
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status

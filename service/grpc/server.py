@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2_grpc
 from ..core.settings import LATE_REQUEST_WAIT_S
 from ..core.state import ServiceState
 from .health import HealthServicer
-from .servicer import InferenceServicer
+from .servicer import InferenceServicer, KeyInterceptor
 
 log = logging.getLogger("service.grpc")
 
@@ -22,18 +22,25 @@ class GrpcFront:
     def __init__(self, state: ServiceState, host: str, port: int) -> None:
         settings = state.settings
         self.state, self.host, self.port = state, host, port
+        self.servicer = InferenceServicer(state)
+        # No maximum_concurrent_rpcs: it counts every call alike, so open health streams would refuse inference.
+        # Inference calls hold places in the shared upload budget (taken before their message is read), Watch
+        # streams have their own cap, and the other calls are answered at once.
         self.server = grpc.aio.server(
             options=[
-                # A message is read whole before the servicer sees it: the upload limit bounds it, as an HTTP body.
+                # A message is read whole: the upload limit bounds it, as an HTTP body.
                 ("grpc.max_receive_message_length", settings.max_upload_bytes),
                 ("grpc.max_send_message_length", -1),
                 # grpc sets SO_REUSEPORT by default: a second server on the same port would share it silently.
                 ("grpc.so_reuseport", 0),
+                # BDP probing grows each stream's receive window, so calls refused on their metadata (no key)
+                # still had their bytes buffered by the transport: 64 wrong-key 20 MiB calls grew the server by
+                # 66-70 MiB with it, 3 MiB without (bench/hostile.py). A 20 MiB call on loopback took 24 ms
+                # without it and 28 ms with it.
+                ("grpc.http2.bdp_probe", 0),
             ],
-            # The hard backstop on messages held at once; the shared upload budget refuses before it.
-            maximum_concurrent_rpcs=2 * settings.max_concurrent_requests,
+            interceptors=[KeyInterceptor(self.servicer)],
         )
-        self.servicer = InferenceServicer(state)
         self.server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(state), self.server)
 

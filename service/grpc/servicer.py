@@ -4,12 +4,12 @@ error table and protocol semantics (service/oip/protocol.py) as the HTTP routes,
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,7 +17,9 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from ..core.access import OPEN_OPERATIONS, allowed
 from ..core.errors import ServiceError
+from ..core.identifiers import parse_version
 from ..core.inference import Call
 from ..core.logs import log_access, request_id_var
 from ..core.registry import ServedModel
@@ -36,6 +38,7 @@ STATUS: dict[int, grpc.StatusCode] = {
     401: Code.UNAUTHENTICATED,
     403: Code.PERMISSION_DENIED,
     404: Code.NOT_FOUND,
+    408: Code.DEADLINE_EXCEEDED,
     413: Code.INVALID_ARGUMENT,
     415: Code.INVALID_ARGUMENT,
     422: Code.INVALID_ARGUMENT,
@@ -45,13 +48,30 @@ STATUS: dict[int, grpc.StatusCode] = {
     503: Code.UNAVAILABLE,
     504: Code.DEADLINE_EXCEEDED,
 }
-# RPCs open without the API key, as their HTTP counterparts are: probes and the server's own metadata.
-OPEN_RPCS = frozenset({"ServerLive", "ServerReady", "ModelReady", "ServerMetadata"})
+# Each RPC's operation, which decides the key it needs (service/core/access.py), as HTTP's route names do.
+OPERATIONS = {
+    "ServerLive": "live", "ServerReady": "ready", "ModelReady": "model_ready", "ServerMetadata": "server_metadata",
+    "ModelMetadata": "model_metadata", "ModelConfig": "model_config", "ModelInfer": "model_infer",
+    "RepositoryIndex": "repository_index", "RepositoryModelLoad": "repository_load",
+    "RepositoryModelUnload": "repository_unload",
+}  # fmt: skip
+HEALTH_SERVICE = "grpc.health.v1.Health"
 QUIET_RPCS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+# Their requests carry nothing the answer depends on: answered without reading a byte of the message.
+UNREAD_RPCS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
 # The answer to a call that arrives once the server stops taking calls: nothing was done, retry elsewhere.
 CLOSING_MESSAGE = "the server is shutting down and takes no new calls: send this one to another replica"
 _WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 Handler = Callable[[Message, grpc.aio.ServicerContext, SimpleNamespace], Awaitable[Message]]
+Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+
+
+def operation(method: str) -> str:
+    """The operation of a gRPC method's full name ("/inference.GRPCInferenceService/ModelInfer")."""
+    service, _, name = method.lstrip("/").partition("/")
+    if service == SERVICE and name in OPERATIONS:
+        return OPERATIONS[name]
+    return "health" if service == HEALTH_SERVICE else method  # anything else needs the key (closed by default)
 
 
 def trailing_metadata(error: ServiceError) -> tuple[tuple[str, str], ...]:
@@ -63,54 +83,55 @@ def trailing_metadata(error: ServiceError) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _version(text: str) -> int | None:
-    """The protocol's string version: empty for the latest, else a positive integer."""
-    if not text:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise ServiceError("invalid_request", f"model version {text!r} is not a positive integer")
-    return int(text)
-
-
 class InferenceServicer:
     """The RPCs of inference.GRPCInferenceService; `handler()` registers them with a grpc.aio server."""
 
     def __init__(self, state: ServiceState) -> None:
         self.state = state
-        self._key = state.settings.api_key.get_secret_value().encode() if state.settings.api_key else None
         # Set once the drain grace is over (GrpcFront.stop): new calls are refused before any work, with a
         # status clients retry elsewhere, while those in flight (counted here) finish.
         self.closing = False
         self.inflight = 0
+        # grpc reads a message whole, and a read cannot be counted as it arrives the way an HTTP body is:
+        # messages are read a few at a time, as many as the upload budget holds at the largest size.
+        self._reads = asyncio.Semaphore(state.settings.grpc_reads())
 
-    # -- registration, and what every RPC shares: key, request id, errors, metrics, access record --------
+    # -- registration, and what every RPC shares: request id, reading, errors, metrics, access record ----
     def handler(self) -> grpc.GenericRpcHandler:
-        """Every RPC of the service as one generic handler (the messages come from our private pool)."""
+        """Every RPC of the service as one generic handler (the messages come from our private pool).
+
+        Registered as stream-unary: on the wire a unary call is the same, and the handler, not grpc, decides
+        when (and whether) the one request message is read: after the key (KeyInterceptor) and, for inference,
+        after admission.
+        """
         rpcs = {
-            name: grpc.unary_unary_rpc_method_handler(
-                self._wrap(name, getattr(self, name)),
-                request_deserializer=request.FromString,
-                response_serializer=response.SerializeToString,
-            )
+            name: self._handler(name, self._wrap(name, getattr(self, name)), request, response)
             for name, (request, response) in METHODS.items()
         }
         return grpc.method_handlers_generic_handler(SERVICE, rpcs)
 
-    def _check_key(self, context: grpc.aio.ServicerContext) -> None:
-        if self._key is None:
-            return
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        given = metadata.get("authorization", "")
-        token = given[7:].encode() if given[:7].lower() == "bearer " else b""
-        if not hmac.compare_digest(token, self._key):  # constant time: no timing oracle on the key
-            raise ServiceError("unauthorized")
+    @staticmethod
+    def _handler(name: str, behaviour: Behaviour, request: type[Message], response: type[Message]) -> Any:
+        return grpc.stream_unary_rpc_method_handler(
+            behaviour, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+        )
 
-    def _wrap(self, name: str, fn: Handler) -> Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]]:
-        route = f"/{SERVICE}/{name}"
+    def refusal(self, method: str, error: ServiceError) -> grpc.RpcMethodHandler:
+        """A handler that answers `error` without reading the message, with the access record and metrics of
+        any call (for KeyInterceptor)."""
+        name = method.rpartition("/")[2]
+
+        async def refuse(request: Message, context: Any, record: SimpleNamespace) -> Message:
+            raise error
+
+        request, response = METHODS.get(name, (Message, Message))
+        return self._handler(name, self._wrap(name, refuse, route=method, read=False), request, response)
+
+    def _wrap(self, name: str, fn: Handler, route: str | None = None, read: bool = True) -> Behaviour:
+        route = route or f"/{SERVICE}/{name}"
         metrics = self.state.metrics
-        guarded = name not in OPEN_RPCS
 
-        async def handle(request: Message, context: grpc.aio.ServicerContext) -> Message:
+        async def handle(requests: Any, context: grpc.aio.ServicerContext) -> Message:
             offered = dict(context.invocation_metadata() or ()).get("x-request-id")
             request_id = offered if isinstance(offered, str) and _WELL_FORMED_ID.fullmatch(offered) else None
             record = SimpleNamespace(started=time.perf_counter(), request_id=request_id or uuid.uuid4().hex)
@@ -119,11 +140,14 @@ class InferenceServicer:
             metrics.inflight.inc()
             self.inflight += 1
             try:
-                if self.closing and name not in OPEN_RPCS:
+                if self.closing and OPERATIONS.get(name) not in OPEN_OPERATIONS:
                     raise ServiceError("draining", CLOSING_MESSAGE)
-                if guarded:
-                    self._check_key(context)
-                response = await fn(request, context, record)
+                if name == "ModelInfer" and read:
+                    async with self._upload(context, record) as request:
+                        response = await fn(request, context, record)
+                else:
+                    request = await self._read(name, context) if read else None
+                    response = await fn(request, context, record)
                 context.set_trailing_metadata((("x-request-id", record.request_id), *getattr(record, "timings", ())))
                 return response
             except ServiceError as exc:
@@ -150,6 +174,51 @@ class InferenceServicer:
 
         return handle
 
+    async def _read(self, name: str, context: Any, timeout: float | None = None) -> Message:
+        """The call's one request message, read within `timeout` (default RESNEST_BODY_TIMEOUT_S, or the
+        client's deadline when sooner); an RPC whose answer needs none of it reads nothing."""
+        request_type = METHODS[name][0]
+        if name in UNREAD_RPCS:
+            return request_type()
+        if timeout is None:
+            remaining = context.time_remaining()
+            limit = self.state.settings.body_timeout_s
+            timeout = limit if remaining is None else min(limit, remaining)
+        try:
+            message = await asyncio.wait_for(context.read(), max(timeout, 0.0))
+        except TimeoutError:
+            raise ServiceError("request_timeout", "the request message did not arrive in time") from None
+        if message is grpc.aio.EOF:
+            raise ServiceError("invalid_request", "the call carried no request message")
+        return message  # type: ignore[no-any-return]
+
+    @contextlib.asynccontextmanager
+    async def _upload(self, context: Any, record: SimpleNamespace) -> AsyncIterator[Message]:
+        """An inference message, admitted as an HTTP upload is: a place among the uploads in progress before a
+        byte is read, a turn among the reads in progress, then its size against the shared byte budget, all
+        within the request's deadline; the place and the bytes are held until the answer."""
+        uploads = self.state.uploads
+        if not uploads.has_room(1):
+            raise ServiceError("overloaded", headers={"retry-after": "1"})
+        remaining = context.time_remaining()
+        record.deadline = None if remaining is None else time.perf_counter() + remaining
+        left = Call(record.started, record, deadline=record.deadline).timeout(self.state.settings.request_timeout_s)
+        uploads.enter(0)
+        held = 0
+        try:
+            try:
+                async with asyncio.timeout(max(left, 0.0)):
+                    async with self._reads:
+                        request = await self._read("ModelInfer", context, timeout=left)
+            except TimeoutError:
+                raise ServiceError("request_timeout", "the request message did not arrive in time") from None
+            record.bytes_received = held = request.ByteSize()
+            if not uploads.grow(held):
+                raise ServiceError("overloaded", headers={"retry-after": "1"})
+            yield request
+        finally:
+            uploads.leave(held)
+
     @staticmethod
     def _log(
         route: str, name: str, code: grpc.StatusCode, record: SimpleNamespace, elapsed: float, context: Any
@@ -170,11 +239,11 @@ class InferenceServicer:
         log_access(logging.DEBUG if quiet else logging.INFO, fields)
 
     def _resolve(self, name: str, version: str) -> ServedModel:
-        return self.state.resolve(name or None, _version(version))
+        return self.state.resolve(name or None, parse_version(version, "model_version"))
 
     # -- health and metadata -------------------------------------------------------------------------------
     async def ServerLive(self, request: Message, context: Any, record: SimpleNamespace) -> Message:
-        return METHODS["ServerLive"][1](live=not self.state.worker_dead)
+        return METHODS["ServerLive"][1](live=self.state.liveness_failure() is None)
 
     async def ServerReady(self, request: Message, context: Any, record: SimpleNamespace) -> Message:
         return METHODS["ServerReady"][1](ready=not self.state.not_ready_reasons())
@@ -213,21 +282,11 @@ class InferenceServicer:
     async def ModelInfer(self, request: Any, context: Any, record: SimpleNamespace) -> Message:
         state = self.state
         served = self._resolve(request.model_name, request.model_version)
-        # The message is already in memory (grpc reads it whole, within RESNEST_MAX_UPLOAD_BYTES): it counts
-        # against the uploads' shared budget until answered, as an HTTP body does.
-        record.bytes_received = size = request.ByteSize()
-        if not state.uploads.has_room(size):
-            raise ServiceError("overloaded", headers={"retry-after": "1"})
-        remaining = context.time_remaining()
-        call = Call(record.started, record, deadline=None if remaining is None else time.perf_counter() + remaining)
-        state.uploads.enter(size)
-        try:
-            with served.use():
-                loop = asyncio.get_running_loop()
-                parsed, kind, data = await loop.run_in_executor(state.decode_pool, self._parse, request, served)
-                tensors, out = await protocol.infer(call, state, served, parsed, kind, data)
-        finally:
-            state.uploads.leave(size)
+        call = Call(record.started, record, deadline=record.deadline)
+        with served.use():
+            loop = asyncio.get_running_loop()
+            parsed, kind, data = await loop.run_in_executor(state.decode_pool, self._parse, request, served)
+            tensors, out = await protocol.infer(call, state, served, parsed, kind, data)
         state.metrics.images.labels(f"/{SERVICE}/ModelInfer").inc(len(out.logits))
         record.timings = tuple(out.timing_headers().items())
         return codec.encode_response(served.name, str(served.version), parsed.id, tensors)
@@ -246,3 +305,22 @@ class InferenceServicer:
         protocol.require_control(self.state)
         await protocol.unload_model(self.state, request.model_name)
         return METHODS["RepositoryModelUnload"][1]()
+
+
+class KeyInterceptor(grpc.aio.ServerInterceptor):
+    """The keys over gRPC, checked on the call's metadata before its message is read: a call without the key
+    its operation needs is refused at once, holding no place, byte or read."""
+
+    def __init__(self, servicer: InferenceServicer) -> None:
+        self.servicer = servicer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}  # type: ignore[attr-defined]
+        method: str = details.method  # type: ignore[attr-defined]
+        if allowed(self.servicer.state.settings, operation(method), metadata.get("authorization")):
+            return await continuation(details)
+        return self.servicer.refusal(method, ServiceError("unauthorized"))

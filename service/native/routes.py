@@ -5,16 +5,17 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.responses import Response
 
 from ..core.errors import ERRORS, ServiceError, error_payload
+from ..core.identifiers import parse_version
 from ..core.inference import http_call, run_uploads
 from ..core.postprocess import l2_normalize, top_k
 from ..core.responses import JSONResponse
 from ..core.settings import Settings
 from ..core.state import ServiceState
-from ..web.auth import key_check
+from ..web.auth import API_KEY
 from .schemas import ClassifyResponse, EmbedResponse, ErrorResponse, Health, ModelInfo, Readiness
 
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
@@ -46,18 +47,21 @@ def build_router(state: ServiceState) -> APIRouter:
     settings = state.settings
     router = APIRouter()
 
-    guarded = [Depends(key_check(settings))]
+    guarded = API_KEY
     TopK = Annotated[int | None, Query(alias="top_k", ge=1, le=settings.top_k_max, description="predictions per image")]
     ModelName = Annotated[
         str | None, Query(alias="model", max_length=64, description="which model (default: the only one served)")
     ]
-    Version = Annotated[int | None, Query(ge=1, description="which version of it (default: the latest served)")]
+    Version = Annotated[
+        str | None, Query(description="which version of it, 1 to 999999999 (default: the latest served)")
+    ]
 
     @router.post(
         "/classify",
         response_model=ClassifyResponse,
         responses=_ERROR_RESPONSES,
         dependencies=guarded,
+        name="classify",
         summary="Top-k classes for each uploaded image",
     )
     async def classify(
@@ -67,7 +71,7 @@ def build_router(state: ServiceState) -> APIRouter:
         model_name: ModelName = None,
         version: Version = None,
     ) -> Response:
-        served = state.resolve(model_name, version)
+        served = state.resolve(model_name, parse_version(version))
         with served.use():
             card = served.model.card
             if not card.has_classifier:
@@ -89,6 +93,7 @@ def build_router(state: ServiceState) -> APIRouter:
         response_model=EmbedResponse,
         responses=_ERROR_RESPONSES,
         dependencies=guarded,
+        name="embed",
         summary="The pooled embedding of each uploaded image",
     )
     async def embed(
@@ -98,7 +103,7 @@ def build_router(state: ServiceState) -> APIRouter:
         model_name: ModelName = None,
         version: Version = None,
     ) -> Response:
-        served = state.resolve(model_name, version)
+        served = state.resolve(model_name, parse_version(version))
         with served.use():
             out = await run_uploads(http_call(request), state, served, images)
         vectors = l2_normalize(out.embedding) if normalize else out.embedding
@@ -113,10 +118,10 @@ def build_router(state: ServiceState) -> APIRouter:
         state.metrics.images.labels("/embed").inc(len(images))
         return JSONResponse(body, headers=out.timing_headers())
 
-    @router.get("/model", response_model=ModelInfo, responses=_ERROR_RESPONSES, dependencies=guarded)
+    @router.get("/model", response_model=ModelInfo, responses=_ERROR_RESPONSES, dependencies=guarded, name="model_info")
     async def model_info(model_name: ModelName = None, version: Version = None) -> Response:
         """What is served: variant, preprocessing, active providers, weights digest, parity report."""
-        served = state.resolve(model_name, version)
+        served = state.resolve(model_name, parse_version(version))
         card = served.model.card
         pre = card.preprocess
         limits = top_k_limits(settings, card.num_classes)
@@ -151,15 +156,15 @@ def build_router(state: ServiceState) -> APIRouter:
             }
         )
 
-    @router.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
+    @router.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}}, name="live")
     async def healthz(request: Request) -> Response:
-        """Liveness: 200 while the process can serve; 503 once its batch worker has died (restart it)."""
-        if state.worker_dead:
-            body = error_payload("not_ready", "the batch worker died", request.state.request_id)
+        """Liveness: 200 while the process can serve; 503 once a batch worker died or inference is stuck."""
+        if (failure := state.liveness_failure()) is not None:
+            body = error_payload("not_ready", failure, request.state.request_id)
             return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+    @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, name="ready")
     async def readyz() -> Response:
         """Readiness: model loaded and warmed, batch worker alive, not draining."""
         reasons = state.not_ready_reasons()
@@ -168,7 +173,7 @@ def build_router(state: ServiceState) -> APIRouter:
             return JSONResponse({"status": "unavailable", "reasons": reasons}, status_code=503)
         return JSONResponse({"status": "ready", "reasons": []})
 
-    @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}}, name="metrics")
     async def metrics() -> Response:
         """Prometheus text format."""
         state.metrics.ready.set(0 if state.not_ready_reasons() else 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,6 +195,10 @@ def _output(spec: Any, binary_default: bool) -> RequestedOutput:
     return RequestedOutput(spec["name"], binary, k)
 
 
+# A byte count as a header carries it: ASCII digits, few enough for int() (str.isdigit() accepts "²").
+_BYTE_COUNT = re.compile(r"[0-9]{1,15}")
+
+
 def parse_request(body: bytes, header_length: str | None, max_elements: int, max_batch: int) -> InferRequest:
     """An inference request body -> InferRequest, or ProtocolError naming what is wrong.
 
@@ -201,7 +206,7 @@ def parse_request(body: bytes, header_length: str | None, max_elements: int, max
     `max_elements` elements, and at most `max_batch` rows (images) in its first dimension.
     """
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
+        if not _BYTE_COUNT.fullmatch(header_length.strip()) or int(header_length) > len(body):
             raise ProtocolError("Inference-Header-Content-Length is not a length within the body", "malformed_request")
         split = int(header_length)
         # 0: the whole body is one raw tensor for a single-input model; this service's models take two

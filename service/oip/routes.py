@@ -11,15 +11,16 @@ import asyncio
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Path, Request
 from starlette.responses import Response
 
 from ..core.errors import ServiceError
+from ..core.identifiers import parse_version
 from ..core.inference import http_call
 from ..core.registry import ServedModel
 from ..core.responses import JSONResponse
 from ..core.state import ServiceState
-from ..web.auth import key_check
+from ..web.auth import API_KEY, CONTROL_KEY
 from . import protocol
 from .codec import InferRequest, ProtocolError, encode_response, parse_request
 from .schemas import (
@@ -74,28 +75,30 @@ def build_oip_router(state: ServiceState) -> APIRouter:
     settings = state.settings
     router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
-    guarded = [Depends(key_check(settings))]
+    guarded = API_KEY
     Name = Annotated[str, Path(max_length=64, description="the model's name")]
-    Version = Annotated[int, Path(ge=1, description="the model version")]
+    Version = Annotated[str, Path(description="the model version, 1 to 999999999")]
 
     # -- health and metadata -------------------------------------------------------------------------------
-    @router.get("", summary="Server metadata", response_model=ServerMetadata)
+    @router.get("", summary="Server metadata", response_model=ServerMetadata, name="server_metadata")
     async def server_metadata() -> Response:
         return JSONResponse(protocol.server_metadata())
 
     @router.get(
         "/health/live",
+        name="live",
         summary="Server liveness (200 while the process can serve)",
         response_model=Live,
         responses=error_responses(503),
     )
     async def live() -> Response:
-        if state.worker_dead:
-            raise ServiceError("not_ready", "a batch worker died")
+        if (failure := state.liveness_failure()) is not None:
+            raise ServiceError("not_ready", failure)
         return JSONResponse({"live": True})
 
     @router.get(
         "/health/ready",
+        name="ready",
         summary="Server readiness (200 when every loaded model is ready)",
         response_model=Readiness,
         responses=error_responses(503),
@@ -106,19 +109,20 @@ def build_oip_router(state: ServiceState) -> APIRouter:
             raise ServiceError("draining" if state.draining else "not_ready", "; ".join(reasons))
         return JSONResponse({"ready": True})
 
-    async def model_metadata(name: str, model_version: int | None) -> Response:
-        return JSONResponse(protocol.model_metadata(state, state.resolve(name, model_version)))
+    async def model_metadata(name: str, model_version: str | None) -> Response:
+        return JSONResponse(protocol.model_metadata(state, state.resolve(name, parse_version(model_version))))
 
-    async def model_ready(name: str, model_version: int | None) -> Response:
-        served = state.resolve(name, model_version)
+    async def model_ready(name: str, model_version: str | None) -> Response:
+        served = state.resolve(name, parse_version(model_version))
         protocol.require_ready(served)
         return JSONResponse({"name": served.name, "version": str(served.version), "ready": True})
 
-    async def model_config(name: str, model_version: int | None) -> Response:
-        return JSONResponse(protocol.model_config(state, state.resolve(name, model_version)))
+    async def model_config(name: str, model_version: str | None) -> Response:
+        return JSONResponse(protocol.model_config(state, state.resolve(name, parse_version(model_version))))
 
     # Each model route twice, with and without /versions/{v}, as the protocol has them.
-    meta = {"responses": _META_ERRORS, "dependencies": guarded}
+    meta = {"responses": _META_ERRORS, "dependencies": guarded, "name": "model_metadata"}
+    config = {**meta, "name": "model_config"}
 
     @router.get("/models/{model_name}", summary="Model metadata", response_model=ModelMetadata, **meta)
     async def metadata_latest(model_name: Name) -> Response:
@@ -132,7 +136,11 @@ def build_oip_router(state: ServiceState) -> APIRouter:
 
     # Readiness is a probe, open like the health routes.
     @router.get(
-        "/models/{model_name}/ready", summary="Model readiness", response_model=Readiness, responses=_META_ERRORS
+        "/models/{model_name}/ready",
+        summary="Model readiness",
+        response_model=Readiness,
+        responses=_META_ERRORS,
+        name="model_ready",
     )
     async def ready_latest(model_name: Name) -> Response:
         return await model_ready(model_name, None)
@@ -142,21 +150,22 @@ def build_oip_router(state: ServiceState) -> APIRouter:
         summary="Model readiness",
         response_model=Readiness,
         responses=_META_ERRORS,
+        name="model_ready",
     )
     async def ready_versioned(model_name: Name, model_version: Version) -> Response:
         return await model_ready(model_name, model_version)
 
-    @router.get("/models/{model_name}/config", summary="Model configuration (Triton)", **meta)
+    @router.get("/models/{model_name}/config", summary="Model configuration (Triton)", **config)
     async def config_latest(model_name: Name) -> Response:
         return await model_config(model_name, None)
 
-    @router.get("/models/{model_name}/versions/{model_version}/config", summary="Model configuration", **meta)
+    @router.get("/models/{model_name}/versions/{model_version}/config", summary="Model configuration", **config)
     async def config_versioned(model_name: Name, model_version: Version) -> Response:
         return await model_config(model_name, model_version)
 
     # -- inference -----------------------------------------------------------------------------------------
-    async def infer(request: Request, name: str, model_version: int | None) -> Response:
-        served = state.resolve(name, model_version)
+    async def infer(request: Request, name: str, model_version: str | None) -> Response:
+        served = state.resolve(name, parse_version(model_version))
         with served.use():
             body = await request.body()  # bounded by UploadLimitMiddleware, like every upload
             header = request.headers.get("inference-header-content-length")
@@ -180,34 +189,47 @@ def build_oip_router(state: ServiceState) -> APIRouter:
     async def infer_versioned(request: Request, model_name: Name, model_version: Version) -> Response:
         return await infer(request, model_name, model_version)
 
-    infer_doc = {"dependencies": guarded, "openapi_extra": INFER_BODY, "responses": {**INFER_OK, **_INFER_ERRORS}}
+    infer_doc = {"dependencies": guarded, "openapi_extra": INFER_BODY, "responses": {**INFER_OK, **_INFER_ERRORS},
+                 "name": "model_infer"}  # fmt: skip
     router.add_api_route("/models/{model_name}/infer", infer_latest, methods=["POST"],
                          summary="Inference (JSON or binary tensors)", **infer_doc)  # fmt: skip
     router.add_api_route("/models/{model_name}/versions/{model_version}/infer", infer_versioned, methods=["POST"],
                          summary="Inference on one version", **infer_doc)  # fmt: skip
 
     # -- repository (Triton's explicit model control) ----------------------------------------------------
-    control = {"dependencies": guarded, "responses": _CONTROL_ERRORS}
+    control = {"dependencies": CONTROL_KEY, "responses": _CONTROL_ERRORS}
 
     @router.post(
         "/repository/index",
         summary="Every model on disk or served, with its state",
         response_model=list[RepositoryEntry],
-        **control,
+        name="repository_index",
+        responses=_CONTROL_ERRORS,
+        dependencies=guarded,  # reading the index needs the API key; changing the repository, the control key
     )
     async def repository_index(request: Request) -> Response:
         only_ready = (await _control_body(request)).get("ready") is True
         return JSONResponse(protocol.repository_index(state, only_ready))
 
     @router.post(
-        "/repository/models/{model_name}/load", summary="Load or reload a model", response_model=Empty, **control
+        "/repository/models/{model_name}/load",
+        summary="Load or reload a model",
+        response_model=Empty,
+        name="repository_load",
+        **control,
     )
     async def repository_load(request: Request, model_name: Name) -> Response:
         protocol.require_control(state)
         await protocol.load_model(state, model_name, bool((await _control_body(request)).get("parameters")))
         return JSONResponse({})
 
-    @router.post("/repository/models/{model_name}/unload", summary="Unload a model", response_model=Empty, **control)
+    @router.post(
+        "/repository/models/{model_name}/unload",
+        summary="Unload a model",
+        response_model=Empty,
+        name="repository_unload",
+        **control,
+    )
     async def repository_unload(request: Request, model_name: Name) -> Response:
         protocol.require_control(state)
         await _control_body(request)

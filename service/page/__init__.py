@@ -67,11 +67,11 @@ def build_page_router() -> APIRouter:
     index, assets, versions = _load()
     router = APIRouter(include_in_schema=False)
 
-    @router.get("/")
+    @router.get("/", name="page")
     async def page(request: Request) -> Response:
         return _answer(request, index, INDEX_CACHE)
 
-    @router.get("/page/{name}")
+    @router.get("/page/{name}", name="page")
     async def asset(request: Request, name: str) -> Response:
         if name not in assets:
             raise ServiceError("not_found")

@@ -1,29 +1,53 @@
-"""The API key check every guarded route shares (the service's own API and the OIP routes alike)."""
+"""The keys over HTTP: checked on the request's headers before a byte of its body is read (AuthMiddleware), and
+described in the OpenAPI document by the routes' security schemes."""
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Callable
-from typing import Annotated
-
 from fastapi import Depends
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..core.errors import ServiceError
+from ..core.access import Access, access, allowed
+from ..core.errors import ERRORS, error_payload
+from ..core.responses import JSONResponse
 from ..core.settings import Settings
+from .routing import NO_ROUTE, RouteMatch
 
-bearer = HTTPBearer(auto_error=False, description="required only when RESNEST_API_KEY is set")
+# Documentation only (auto_error off, and AuthMiddleware has decided before a route runs): what the OpenAPI
+# document shows as each route's security.
+_api_key = HTTPBearer(auto_error=False, scheme_name="APIKey", description="RESNEST_API_KEY, where it is set")
+_control_key = HTTPBearer(auto_error=False, scheme_name="ControlKey", description="RESNEST_CONTROL_KEY")
+API_KEY = [Depends(_api_key)]
+CONTROL_KEY = [Depends(_control_key)]
+_REFUSALS = {
+    Access.INFERENCE: "a valid API key is required: Authorization: Bearer <RESNEST_API_KEY>",
+    Access.CONTROL: "loading and unloading models needs the control key: Authorization: Bearer <RESNEST_CONTROL_KEY>",
+}
 
 
-def key_check(settings: Settings) -> Callable[[HTTPAuthorizationCredentials | None], None]:
-    """A FastAPI dependency: 401 unless the request carries `Authorization: Bearer <RESNEST_API_KEY>`."""
+def _authorization(scope: Scope) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"authorization":
+            return value.decode("latin-1")
+    return None
 
-    def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if settings.api_key is None:
+
+class AuthMiddleware:
+    """401 before the body for a route whose operation needs a key the request does not carry."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        expected = settings.api_key.get_secret_value().encode()
-        given = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(given, expected):  # constant time: no timing oracle on the key
-            raise ServiceError("unauthorized", headers={"www-authenticate": "Bearer"})
-
-    return require_key
+        route: RouteMatch = scope.get("state", {}).get("route", NO_ROUTE)
+        if route.operation is None or allowed(self.settings, route.operation, _authorization(scope)):
+            await self.app(scope, receive, send)
+            return
+        # Answered before the body is read; LingeringCloseMiddleware discards what the client still sends.
+        message = _REFUSALS[access(route.operation)]
+        body = error_payload("unauthorized", message, scope["state"].get("request_id"), scope["path"])
+        headers = {"www-authenticate": "Bearer"}
+        await JSONResponse(body, status_code=ERRORS["unauthorized"][0], headers=headers)(scope, receive, send)
