@@ -22,6 +22,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY models models
 COPY modelcard modelcard
+COPY imaging imaging
+COPY providers providers
 COPY export export
 COPY service service
 RUN --mount=type=cache,target=/root/.cache/pip pip wheel --no-deps --wheel-dir /wheels .

@@ -52,7 +52,7 @@ test: install lb browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 bench: install $(MODEL)
 	$(PY) -m bench.serving --model $(MODEL)

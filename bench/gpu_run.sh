@@ -98,7 +98,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from service.core.providers import probe_cuda
+from providers.probe import probe_cuda
 
 probe = probe_cuda()  # loads the CUDA libraries (nvidia-* wheels or the system) and runs ort.preload_dlls()
 print("onnxruntime", ort.__version__, "available:", ort.get_available_providers(), "probe:", probe)
@@ -130,8 +130,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.core.preprocess import preprocess
-from service.core.runtime import OrtModel, warm_up
+from imaging.transforms import preprocess
+from service.core.request.inference import OrtModel, warm_up
 from service.core.settings import Settings
 from export.photos import sample_photos
 

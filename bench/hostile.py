@@ -33,7 +33,8 @@ import httpx
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-BOUNDARY = "hostile-boundary"
+from .forms import content_type, images, opening
+
 DECLARED = 20 * 2**20  # what the slow uploads say they will send
 
 
@@ -72,23 +73,16 @@ class Figures:
     upload_budget_mib: float = 0.0
 
 
-def multipart(blob: bytes, name: str = "a.jpg") -> bytes:
-    """One image as a multipart/form-data body."""
-    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{name}"\r\n'
-    return (head + "Content-Type: image/jpeg\r\n\r\n").encode() + blob + f"\r\n--{BOUNDARY}--\r\n".encode()
-
-
 def trickled_body(size: int = 4096) -> bytes:
     """The start of a well-formed multipart body, for a trickling client to send a byte at a time (the
     parser must keep waiting for more, not refuse it as malformed)."""
-    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n\r\n'.encode()
-    return head + b"\xff" * size
+    return opening() + b"\xff" * size
 
 
 def _slow_head(port: int, key: str) -> bytes:
     return (
         f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {DECLARED}\r\n\r\n"
+        f"Content-Type: {content_type()}\r\nContent-Length: {DECLARED}\r\n\r\n"
     ).encode()
 
 
@@ -127,8 +121,8 @@ def odd_requests(model: str) -> list[tuple[str, str, dict[str, Any]]]:
     """(label, method and path, httpx arguments) of odd parameters on every route."""
     huge = "9" * 5000
     upload = {
-        "content": multipart(b"\xff\xd8 not really"),
-        "headers": {"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+        "content": images(b"\xff\xd8 not really"),
+        "headers": {"content-type": content_type()},
     }
     oip = {"json": {"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": ["eA=="]}]}}
     return [

@@ -12,8 +12,8 @@ from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse
 
+from imaging import preprocess
 from modelcard import ModelCard
-from service.core.preprocess import preprocess
 
 MAX_PIXELS = 40_000_000
 TOP = 5

@@ -14,7 +14,7 @@ the export does. The rows take turns, `rounds` times, each in a fresh process, a
 median over the rounds: on a machine others share, load drifts within minutes, and taking turns spreads it
 over all rows alike. The load average is recorded before each measurement.
 
-On a GPU the main run adds the service's own runtime (service.core.runtime.OrtModel) on the fp16 graph with
+On a GPU the main run adds the service's own runtime (service.core.request.inference.OrtModel) on the fp16 graph with
 IO binding, with and without CUDA graphs (one captured per batch shape in warm-up), so the ceiling figures
 are those of the code that serves.
 
@@ -132,7 +132,7 @@ def with_card(model: onnx.ModelProto, variant: str, cfg: PreprocessConfig, preci
 
 def service_runner(path: str, batches: list[int], threads: int, cuda_graphs: bool) -> Runner | None:
     """The service's own runtime (OrtModel, IO binding) on `path`, warmed for `batches` as the registry does."""
-    from service.core.runtime import CUDA, OrtModel, warm_up
+    from service.core.request.inference import CUDA, OrtModel, warm_up
     from service.core.settings import Settings
 
     settings = Settings(
@@ -325,7 +325,7 @@ def upload_jpegs(count: int, longer_side: int = 500) -> list[bytes]:
 
 def host_cost(blobs: list[bytes], cfg: PreprocessConfig, repeats: int, **options: Any) -> float:
     """Median over `repeats` passes of the mean microseconds per image of the service's host preprocessing."""
-    from service.core.preprocess import preprocess
+    from imaging import preprocess
 
     passes = []
     for _ in range(repeats + 1):

@@ -16,10 +16,10 @@ import uvicorn
 from fastapi import FastAPI, File, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
+from imaging import preprocess
 from modelcard import ModelCard
-from service.core.postprocess import top_k
-from service.core.preprocess import preprocess
-from service.core.responses import JSONResponse
+from service.core.request.postprocess import top_k
+from service.http.responses import JSONResponse
 
 
 def create_app(model_path: str) -> FastAPI:

@@ -34,8 +34,8 @@ import onnxruntime as ort
 import psutil
 from PIL import Image
 
+from imaging import preprocess
 from modelcard import ModelCard
-from service.core.preprocess import preprocess
 
 from .machine import describe, summary
 

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import models
+from imaging.transforms import to_tensor
 from modelcard import ModelCard, ModelCardError, PreprocessConfig
-from service.core.preprocess import to_tensor
 
 LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CHECKPOINT, LABELS_FILE, HELDOUT, HELDOUT_DIR, META = (

@@ -29,7 +29,7 @@ Runner = Callable[[np.ndarray], Sequence[np.ndarray]]
 
 
 def normalisation(cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, offset), float32 per channel, computed exactly as service.core.preprocess.to_tensor does."""
+    """(scale, offset), float32 per channel, computed exactly as imaging.transforms.to_tensor does."""
     std = np.asarray(cfg.std, dtype=np.float32)
     scale = 1.0 / (255.0 * std)
     offset = -np.asarray(cfg.mean, dtype=np.float32) / std

@@ -19,6 +19,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+# The service's own decoding and preprocessing, so the photographs in the parity check reach the graph exactly
+# as uploads will.
+from imaging import preprocess
 from modelcard import (
     FLOAT32_NCHW,
     INPUT_FORMATS,
@@ -31,10 +34,6 @@ from modelcard import (
 )
 from models import ResNeSt
 
-# The service's own decoding and preprocessing, so the photographs in the parity check reach the graph exactly
-# as uploads will.
-from service.core.preprocess import preprocess
-
 from . import graph, parity
 from . import quantize as int8
 from .device_input import as_format, check_input_parity, uint8_batches, uint8_nhwc_input
@@ -42,7 +41,7 @@ from .fp16 import to_fp16
 from .fuse import TwoHeads, fuse
 from .labels import resolve_labels
 from .photos import sample_photos
-from .runtime import runners
+from .sessions import runners
 
 # The service answers softmax probabilities over the classes: one logit would always score 1.0.
 SINGLE_LOGIT = (

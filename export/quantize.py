@@ -32,8 +32,8 @@ from onnxruntime.quantization import (
 )
 from PIL import Image
 
+from imaging import ImageError, preprocess
 from modelcard import INPUT, PreprocessConfig
-from service.core.preprocess import ImageError, preprocess
 
 from .photos import heldout_photos, sample_photos
 

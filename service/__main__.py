@@ -16,11 +16,11 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from .app import create_app
 from .core import logs
 from .core.settings import LATE_REQUEST_WAIT_S, Settings, describe_settings
 from .core.state import ServiceState
 from .grpc.server import GrpcFront
+from .http.app import create_app
 
 log = logging.getLogger("service")
 

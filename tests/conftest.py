@@ -13,29 +13,43 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
+from modelcard import FLOAT32_NCHW
+from service.core.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VARIANT, TINY_SIZE = "resnest14d", 64
 
 
-@pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def export_tiny(out: Path, input_format: str = FLOAT32_NCHW) -> Path:
     """resnest14d at 64x64 with seeded random weights, through the real export pipeline (parity included)."""
     import models
     from export.pipeline import export_model
-    from service.core.preprocess import PreprocessConfig
+    from imaging.transforms import PreprocessConfig
 
     model = models.create_model(TINY_VARIANT, seed=0)
     data = model.variant.data
     cfg = PreprocessConfig(TINY_SIZE, 73, data.interpolation, data.mean, data.std)
-    out = tmp_path_factory.mktemp("model") / "tiny.onnx"
     export_model(model, cfg, out, weights={"source": "random", "sha256": "random", "seed": 0},
-                 compare_naive=False, log=lambda _: None)  # fmt: skip
+                 compare_naive=False, log=lambda _: None, input_format=input_format)  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with float32 NCHW input, exported once per session."""
+    return export_tiny(tmp_path_factory.mktemp("model") / "tiny.onnx")
+
+
+def settings(**overrides: Any) -> Settings:
+    """Settings for an in-process app: batches of 4, no gRPC port; `overrides` on top."""
+    source = {} if "model_repository" in overrides else {"model_path": "unused.onnx"}
+    return Settings(**{**source, "max_batch_size": 4, "grpc_enabled": False, **overrides})
 
 
 @pytest.fixture(scope="session")

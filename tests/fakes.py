@@ -47,7 +47,7 @@ def fake_outputs(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FakeModel:
-    """Implements service.core.runtime.InferenceModel; records every batch it sees."""
+    """Implements service.core.request.inference.InferenceModel; records every batch it sees."""
 
     def __init__(self, input_size: int = FAKE_SIZE, delay: float = 0.0) -> None:
         self.card = fake_card(input_size)

@@ -11,20 +11,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.app import create_app
-from service.core.postprocess import softmax
-from service.core.preprocess import preprocess
-from service.core.settings import Settings
-from tests.conftest import app_client, jpeg, run
+from bench.forms import files
+from imaging.transforms import preprocess
+from service.core.request.postprocess import softmax
+from service.http.app import create_app
+from tests.conftest import app_client, jpeg, run, settings
 from tests.fakes import FakeModel, fake_outputs
-
-
-def settings(**overrides: object) -> Settings:
-    return Settings(**{"model_path": "unused.onnx", "max_batch_size": 4, **overrides})  # type: ignore[arg-type]
-
-
-def files(*blobs: bytes, field: str = "images", kind: str = "image/jpeg") -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [(field, (f"img{i}.jpg", blob, kind)) for i, blob in enumerate(blobs)]
 
 
 def test_classify_and_embed_answer_per_image_with_timings() -> None:

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from service.core.batcher import Batcher, BatcherStopped, DeadlineExceeded, InferenceFailed, QueueFull
+from service.core.request.batching import Batcher, BatcherStopped, DeadlineExceeded, InferenceFailed, QueueFull
 from tests.conftest import run, until
 from tests.fakes import FAKE_SIZE, FakeModel, fake_outputs
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from service.app import create_app
 from service.core.settings import Settings
+from service.http.app import create_app
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
@@ -436,6 +436,15 @@ def test_the_wheel_stage_copies_every_package_the_project_ships() -> None:
     assert top_level <= copied, f"the image's wheel would lack {sorted(top_level - copied)}"
     for package in packages:
         assert (ROOT / package.replace(".", "/")).is_dir(), package
+    # Every package folder under them is listed: setuptools ships only the listed ones, and an import of an
+    # unlisted one works from a checkout and fails in the image.
+    folders = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for root in top_level
+        for init in (ROOT / root).rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert folders <= set(packages), f"the wheel would lack {sorted(folders - set(packages))}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

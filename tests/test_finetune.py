@@ -15,9 +15,9 @@ from PIL import Image, ImageOps
 import models
 from export.cli import main as export_main
 from export.pipeline import SINGLE_LOGIT
+from imaging.transforms import preprocess
 from modelcard import ModelCard, PreprocessConfig, generic_labels
-from service.core.preprocess import preprocess
-from service.core.runtime import ModelLoadError, OrtModel, warm_up
+from service.core.request.inference import ModelLoadError, OrtModel, warm_up
 from service.core.settings import Settings
 from tests.reference_transforms import eval_transform
 

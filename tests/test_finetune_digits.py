@@ -27,9 +27,10 @@ from PIL import Image
 
 import models
 from bench import train_digits
+from bench.forms import files
 from modelcard import GENERIC_LABELS_WARNING, ModelCard
-from service.app import create_app
 from service.core.settings import Settings
+from service.http.app import create_app
 from tests.conftest import ROOT, app_client, run
 from tests.reference_transforms import eval_transform
 
@@ -113,15 +114,10 @@ def pytorch_answers(model: torch.nn.Module, blobs: list[bytes], card: ModelCard)
     return torch.softmax(model.fc(embedding).double(), dim=1).numpy(), embedding.numpy()
 
 
-def upload(blobs: list[bytes], fmt: str) -> list[tuple[str, tuple[str, bytes, str]]]:
-    kind = "image/png" if fmt == "PNG" else "image/jpeg"
-    return [("images", (f"digit{i}.{fmt.lower()}", blob, kind)) for i, blob in enumerate(blobs)]
-
-
 def classify_all(client: httpx.Client, blobs: list[bytes], fmt: str) -> list[list[dict[str, object]]]:
     answers = []
     for start in range(0, len(blobs), CHUNK):
-        r = client.post("/classify?top_k=10", files=upload(blobs[start : start + CHUNK], fmt))
+        r = client.post("/classify?top_k=10", files=files(*blobs[start : start + CHUNK], kind=f"image/{fmt.lower()}"))
         assert r.status_code == 200, r.text
         answers += [result["predictions"] for result in r.json()["results"]]
     return answers
@@ -164,7 +160,7 @@ def test_served_predictions_equal_pytorch_image_by_image_on_png_and_jpeg_uploads
         assert info["num_classes"] == 10 and info["labels"] == LABELS and info["labels_source"] == "file"
         assert info["top_k"] == {"default": 5, "max": 10} and info["warnings"] == [] and info["warning"] is None
         assert info["preprocess"]["crop_pct"] == 1.0 and info["preprocess"]["mean"] == [0.30, 0.25, 0.35]
-        r = client.post("/classify?top_k=11", files=upload([encode(images[0], "PNG")], "PNG"))
+        r = client.post("/classify?top_k=11", files=files(encode(images[0], "PNG"), kind="image/png"))
         assert r.status_code == 422 and "10 classes" in r.json()["error"]["message"]
         accuracy = {}
         for fmt in ("PNG", "JPEG"):
@@ -218,12 +214,12 @@ def test_headless_export_serves_embeddings_and_refuses_classify(
 
     async def main() -> None:
         async with app_client(app) as client:
-            r = await client.post("/embed", files=upload(blobs, "PNG"))
+            r = await client.post("/embed", files=files(*blobs, kind="image/png"))
             assert r.status_code == 200, r.text
             got = np.asarray([item["embedding"] for item in r.json()["results"]])
             assert r.json()["dim"] == 2048
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
-            r = await client.post("/classify", files=upload(blobs[:1], "PNG"))
+            r = await client.post("/classify", files=files(*blobs[:1], kind="image/png"))
             assert r.status_code == 400, r.text
             assert r.json()["error"]["code"] == "no_classifier" and "/embed" in r.json()["error"]["message"]
             info = (await client.get("/model")).json()
@@ -257,8 +253,8 @@ def test_without_labels_a_fine_tuned_head_answers_generic_labels_and_warns_every
             info = (await client.get("/model")).json()
             assert info["labels_source"] == "generic" and info["warnings"] == [warning]
             assert info["warning"] == warning
-            r = await client.post("/classify?top_k=1", files=upload(blobs, "PNG"))
-            ref = await reference.post("/classify?top_k=1", files=upload(blobs, "PNG"))
+            r = await client.post("/classify?top_k=1", files=files(*blobs, kind="image/png"))
+            ref = await reference.post("/classify?top_k=1", files=files(*blobs, kind="image/png"))
             assert r.status_code == ref.status_code == 200
             for got, want in zip(r.json()["results"], ref.json()["results"], strict=True):
                 (g,), (w,) = got["predictions"], want["predictions"]

@@ -27,10 +27,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from imaging.transforms import ImageError, preprocess
 from modelcard import PreprocessConfig
-from service.app import create_app
-from service.core.preprocess import ImageError, preprocess
 from service.core.settings import Settings
+from service.http.app import create_app
 from tests.conftest import jpeg
 from tests.fakes import FakeModel
 

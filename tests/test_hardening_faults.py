@@ -22,15 +22,14 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from service.app import create_app
-from service.core.postprocess import softmax
-from service.core.preprocess import preprocess
-from service.core.settings import Settings
-from tests.conftest import RawAnswer, app_client, parse_answer, run, send_raw, until
+from bench.forms import content_type, images
+from imaging.transforms import preprocess
+from service.core.request.postprocess import softmax
+from service.http.app import create_app
+from tests.conftest import RawAnswer, app_client, parse_answer, run, send_raw, settings, until
 from tests.fakes import FakeModel, fake_outputs
 
-BOUNDARY = "faults-b0undary"
-MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+MULTIPART = content_type()
 
 
 def photo(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
@@ -43,14 +42,6 @@ def photo(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-def multipart(blobs: list[bytes]) -> bytes:
-    out = bytearray()
-    for i, blob in enumerate(blobs):
-        out += f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{i}.jpg"\r\n'.encode()
-        out += b"Content-Type: image/jpeg\r\n\r\n" + blob + b"\r\n"
-    return bytes(out + f"--{BOUNDARY}--\r\n".encode())
 
 
 def raw_post(path: str, body: bytes) -> bytes:
@@ -75,10 +66,6 @@ def ms(values: list[float]) -> str:
     return f"p50 {pct(values, 50) * 1e3:.0f} ms, p99 {pct(values, 99) * 1e3:.0f} ms (n={len(values)})"
 
 
-def settings(**overrides: object) -> Settings:
-    return Settings(**{"model_path": "unused.onnx", "max_batch_size": 4, **overrides})  # type: ignore[arg-type]
-
-
 # --- overload ----------------------------------------------------------------------------------------------------
 
 
@@ -96,7 +83,7 @@ def test_flood_against_a_real_server_gets_fast_429s_and_loses_nothing(server_fac
     )
     proc = psutil.Process(server.proc.pid)
     # Photo-sized uploads: decoding is real work, so it matters whether refused requests are decoded first.
-    body = multipart([photo(1, (640, 480)), photo(2, (640, 480))])
+    body = images(photo(1, (640, 480)), photo(2, (640, 480)))
     request = raw_post("/classify?top_k=5", body)
     reference = httpx.post(f"{server.url}/classify?top_k=5", content=body, headers={"content-type": MULTIPART})
     assert reference.status_code == 200
@@ -170,7 +157,7 @@ def test_flood_in_process_refusals_are_far_faster_than_served_requests() -> None
     # share one event loop here, so absolute latencies are the client's too: only the comparison means anything.
     model = FakeModel(delay=0.1)
     app = create_app(settings(max_queue_size=8, max_images_per_request=4, max_batch_size=4), model=model)
-    body = multipart([photo(3), photo(4)])
+    body = images(photo(3), photo(4))
     state = app.state.service
 
     async def main() -> list[tuple[int, float]]:
@@ -230,9 +217,7 @@ def test_a_raising_model_fails_exactly_the_requests_in_that_batch() -> None:
             queued = 0
             for name in plan:
                 tasks[name] = asyncio.ensure_future(
-                    client.post(
-                        "/classify?top_k=3", content=multipart(blobs[name]), headers={"content-type": MULTIPART}
-                    )
+                    client.post("/classify?top_k=3", content=images(*blobs[name]), headers={"content-type": MULTIPART})
                 )
                 if name == "a":
                     await until(lambda: state.batcher.stalled_for() > 0)
@@ -242,7 +227,7 @@ def test_a_raising_model_fails_exactly_the_requests_in_that_batch() -> None:
             model.gate.set()
             answers = {name: await task for name, task in tasks.items()}
             model.fail = None
-            after = await client.post("/classify", content=multipart([photo(99)]), headers={"content-type": MULTIPART})
+            after = await client.post("/classify", content=images(photo(99)), headers={"content-type": MULTIPART})
             assert after.status_code == 200
             return answers, model.batches[warm:]
 
@@ -282,18 +267,16 @@ def test_stuck_inference_answers_504_then_readiness_recovers() -> None:
             served_s = []
             for seed in range(5):
                 started = time.perf_counter()
-                r = await client.post(
-                    "/classify", content=multipart([photo(seed)]), headers={"content-type": MULTIPART}
-                )
+                r = await client.post("/classify", content=images(photo(seed)), headers={"content-type": MULTIPART})
                 served_s.append(time.perf_counter() - started)
                 assert r.status_code == 200
             model.gate.clear()
             started = time.perf_counter()
             stuck = asyncio.ensure_future(
-                client.post("/classify", content=multipart([photo(1)]), headers={"content-type": MULTIPART})
+                client.post("/classify", content=images(photo(1)), headers={"content-type": MULTIPART})
             )
             second = asyncio.ensure_future(
-                client.post("/embed", content=multipart([photo(2)]), headers={"content-type": MULTIPART})
+                client.post("/embed", content=images(photo(2)), headers={"content-type": MULTIPART})
             )
             r = await stuck
             first_s = time.perf_counter() - started
@@ -317,7 +300,7 @@ def test_stuck_inference_answers_504_then_readiness_recovers() -> None:
             await until(lambda: state.batcher.stalled_for() == 0)
             r = await client.get("/readyz")
             assert r.status_code == 200, r.text
-            r = await client.post("/classify", content=multipart([photo(3)]), headers={"content-type": MULTIPART})
+            r = await client.post("/classify", content=images(photo(3)), headers={"content-type": MULTIPART})
             assert r.status_code == 200
             assert state.batcher.depth == 0
 
@@ -342,7 +325,7 @@ def test_a_dead_batch_worker_makes_the_service_unready_and_answers_503_at_once()
         async with app_client(app) as client:
 
             def post(seed: int) -> Awaitable[httpx.Response]:
-                return client.post("/classify", content=multipart([photo(seed)]), headers={"content-type": MULTIPART})
+                return client.post("/classify", content=images(photo(seed)), headers={"content-type": MULTIPART})
 
             # What a served request costs here (the median: the first one pays for warm caches): a 503 must come
             # back in about that, not after a deadline.
@@ -401,7 +384,7 @@ def test_cancelled_clients_images_never_reach_the_model_and_nothing_leaks() -> N
 
             def post(blobs: list[bytes]) -> asyncio.Future[httpx.Response]:
                 return asyncio.ensure_future(
-                    client.post("/embed", content=multipart(blobs), headers={"content-type": MULTIPART})
+                    client.post("/embed", content=images(*blobs), headers={"content-type": MULTIPART})
                 )
 
             holder = post([photo(1)])
@@ -420,7 +403,7 @@ def test_cancelled_clients_images_never_reach_the_model_and_nothing_leaks() -> N
             assert state.batcher.depth == 0
             model.gate.set()
             assert (await holder).status_code == 200
-            r = await client.post("/embed", content=multipart([photo(2)]), headers={"content-type": MULTIPART})
+            r = await client.post("/embed", content=images(photo(2)), headers={"content-type": MULTIPART})
             assert r.status_code == 200
             print(
                 f"\n{len(leaving)} cancelled requests ({total} images): queue depth {depth_after_cancel} as the "
@@ -453,8 +436,8 @@ def test_real_server_clients_that_close_their_socket_are_dropped_before_inferenc
         return httpx.get(f"{server.url}/metrics").text
 
     leavers, leaver_images = 8, 4
-    blockers = [multipart([photo(100 * b + i) for i in range(16)]) for b in range(3)]
-    leaver = raw_post("/classify", multipart([photo(7)] * leaver_images))
+    blockers = [images(*(photo(100 * b + i) for i in range(16))) for b in range(3)]
+    leaver = raw_post("/classify", images(*[photo(7)] * leaver_images))
 
     async def main() -> tuple[list[int], float]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -494,7 +477,7 @@ def test_real_server_clients_that_close_their_socket_are_dropped_before_inferenc
     assert inferred == 16 * len(blockers), "no image of a closed connection may reach the model"
     assert closed["499"] + closed["400"] == leavers, "each closed request must be accounted for, as 499 (or 400)"
     assert not re.search(r'status="5\d\d"', text)
-    r = httpx.post(f"{server.url}/classify", content=multipart([photo(8)]), headers={"content-type": MULTIPART})
+    r = httpx.post(f"{server.url}/classify", content=images(photo(8)), headers={"content-type": MULTIPART})
     assert r.status_code == 200 and httpx.get(f"{server.url}/readyz").status_code == 200
     assert "Traceback" not in server.log()
 
@@ -519,7 +502,7 @@ def test_sigterm_with_large_multi_image_requests_in_flight_completes_every_accep
             "RESNEST_MAX_IMAGES_PER_REQUEST": "16",
         }
     )
-    body = multipart([photo(500 + i) for i in range(16)])
+    body = images(*(photo(500 + i) for i in range(16)))
     spans: list[tuple[float, float, str]] = []  # (start, end, outcome), relative to SIGTERM
     term_at: list[float] = []
 
@@ -580,7 +563,7 @@ def test_uploads_in_progress_are_capped_with_fast_429s_and_the_cap_frees_as_they
     server_factory, tiny_onnx: Path
 ) -> None:
     server = server_factory({"RESNEST_MODEL_PATH": str(tiny_onnx), "RESNEST_MAX_CONCURRENT_REQUESTS": "2"})
-    body = multipart([photo(1), photo(2)])
+    body = images(photo(1), photo(2))
     request = raw_post("/classify", body)
 
     async def main() -> tuple[list[RawAnswer], RawAnswer, list[RawAnswer]]:

@@ -30,18 +30,18 @@ import psutil
 import pytest
 from PIL import Image
 
+from bench.forms import BOUNDARY, Part, content_type, multipart
+from imaging.transforms import preprocess
 from modelcard import ModelCard
-from service.app import create_app
-from service.core.postprocess import softmax
-from service.core.preprocess import preprocess
+from service.core.request.postprocess import softmax
 from service.core.settings import Settings
+from service.http.app import create_app
 from tests.conftest import ROOT, ServerProcess, app_client, jpeg, run
 from tests.fakes import FakeModel
 
 MAX_PIXELS = 4_000_000
 MAX_IMAGES = 4
-BOUNDARY = "hardening-b0undary"
-MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+MULTIPART = content_type()
 SVG = b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'><rect width='10' height='10'/></svg>"
 
 
@@ -61,32 +61,6 @@ def noise(size: tuple[int, int], seed: int, mode: str = "RGB") -> Image.Image:
     base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     ramp = (np.arange(w, dtype=np.uint16)[None, :, None] * 255 // max(w - 1, 1)).astype(np.uint8)
     return Image.fromarray(base // 2 + ramp // 2).convert(mode)
-
-
-@dataclass(frozen=True)
-class Part:
-    """One multipart part; `filename=None` makes it a plain form field, `ctype=None` omits its Content-Type."""
-
-    data: bytes
-    name: str = "images"
-    filename: str | None = "upload.bin"
-    ctype: str | None = "image/jpeg"
-
-
-def multipart(parts: list[Part], boundary: str = BOUNDARY, close: bool = True) -> bytes:
-    out = bytearray()
-    for p in parts:
-        out += f"--{boundary}\r\n".encode()
-        disposition = f'Content-Disposition: form-data; name="{p.name}"'
-        if p.filename is not None:
-            disposition += f'; filename="{p.filename}"'
-        out += disposition.encode() + b"\r\n"
-        if p.ctype is not None:
-            out += f"Content-Type: {p.ctype}\r\n".encode()
-        out += b"\r\n" + p.data + b"\r\n"
-    if close:
-        out += f"--{boundary}--\r\n".encode()
-    return bytes(out)
 
 
 def image_part(data: bytes, ctype: str | None = "image/jpeg", filename: str = "upload.bin") -> bytes:
@@ -743,7 +717,7 @@ def test_the_service_never_fetches_urls_on_behalf_of_clients(live: Live) -> None
         listener.close()
 
 
-WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # as documented in service/web/middleware.py
+WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # as documented in service/core/logs.py
 
 
 def raw_request(port: int, head: bytes) -> tuple[str, list[tuple[str, str]], bytes]:

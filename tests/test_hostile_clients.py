@@ -19,24 +19,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from bench.hostile import Attack, _slow_head, multipart, scenario, trickled_body
-from service.app import create_app
+from bench.forms import content_type, images
+from bench.hostile import Attack, _slow_head, scenario, trickled_body
 from service.core.errors import ServiceError
 from service.core.identifiers import parse_version
 from service.core.metrics import Metrics
-from service.core.registry import Registry
+from service.core.repository.registry import Registry
 from service.core.settings import Settings
 from service.grpc.messages import METHODS
-from tests.conftest import ServerProcess, app_client, jpeg, run, until
+from service.http.app import create_app
+from tests.conftest import ServerProcess, app_client, jpeg, run, settings, until
 from tests.fakes import FakeModel
 
 KEY = "hostile-key"
 CONTROL = "hostile-control-key"
-BOUNDARY = "hostile-boundary"
-
-
-def settings(**overrides: Any) -> Settings:
-    return Settings(grpc_enabled=False, **overrides)
 
 
 def photo() -> bytes:
@@ -74,9 +70,9 @@ def test_silent_uploads_no_longer_lock_clients_out_and_are_cut_off_with_408(serv
     # The finding: 16 sockets that sent the headers of a 20 MiB upload and then nothing held the whole upload
     # budget (each reserved its declared length), and the next real uploads all got 429, for minutes.
     server = server_factory({"RESNEST_MODEL_PATH": str(tiny_onnx), "RESNEST_BODY_TIMEOUT_S": "2"})
-    body = multipart(photo())
+    body = images(photo())
     real = (
-        f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type()}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
 
@@ -142,7 +138,7 @@ def test_one_version_parser() -> None:
     for odd in ("0", "01", "²", "٣", "1_0", "+5", " 5", "5 ", "1e3", "9" * 10, "9" * 5000, "-1", "x"):
         with pytest.raises(ServiceError) as refused:
             parse_version(odd)
-        assert refused.value.code == "invalid_parameter" and len(str(refused.value.detail)) < 120
+        assert refused.value.code == "invalid_parameter" and len(refused.value.message) < 120
 
 
 def test_an_error_that_escapes_the_app_is_a_500_carrying_the_request_id(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,7 +196,7 @@ def test_model_control_never_reaches_outside_the_repository(tmp_path: Path, tiny
     (repo / "link").symlink_to(outside, target_is_directory=True)  # a link that leads out counts as outside
     loaded: list[Path] = []
 
-    def loader(s: Settings, path: Path) -> FakeModel:
+    def loader(s: Settings, path: Path, shapes: list[int]) -> FakeModel:
         loaded.append(path)
         return FakeModel()
 
@@ -222,14 +218,14 @@ def test_model_control_never_reaches_outside_the_repository(tmp_path: Path, tiny
 
 
 def test_a_model_that_fails_its_warm_up_is_a_load_failure_not_a_500(tmp_path: Path, tiny_onnx: Path) -> None:
-    from service.oip import protocol
+    from service.core.oip import protocol
 
     repo = tmp_path / "repo"
     _repository(repo, tiny_onnx, "tiny")
     app = create_app(Settings(grpc_enabled=False, model_repository=repo, model_control=True, control_key=CONTROL))
     state = app.state.service
 
-    def failing(s: Settings, path: Path) -> FakeModel:
+    def failing(s: Settings, path: Path, shapes: list[int]) -> FakeModel:
         model = FakeModel()
 
         def out_of_memory(batch: Any) -> None:

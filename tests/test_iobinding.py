@@ -8,16 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.core.batcher import Batcher, InferenceFailed
-from service.core.runtime import OrtModel, warm_up
-from service.core.settings import Settings
-from tests.conftest import TINY_SIZE, run
+from service.core.request.batching import Batcher, InferenceFailed
+from service.core.request.inference import OrtModel, warm_up
+from tests.conftest import TINY_SIZE, run, settings
 
 
 def _model(path: Path, **overrides: object) -> OrtModel:
-    settings = Settings(model_path=path, max_batch_size=4, providers="cpu", grpc_enabled=False, **overrides)  # type: ignore[arg-type]
-    model = OrtModel(settings)
-    warm_up(model, settings.batch_shapes())
+    config = settings(model_path=path, providers="cpu", **overrides)
+    model = OrtModel(config)
+    warm_up(model, config.batch_shapes())
     return model
 
 

@@ -14,30 +14,24 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from bench.forms import content_type, sized
 from service.core import limits
-from service.core.batcher import Batcher
-from service.core.errors import ServiceError
+from service.core.lifecycle import new_state
+from service.core.repository.config import Batching
+from service.core.request.batching import Batcher
 from service.core.settings import DECODE_BYTES_PER_PIXEL, Settings
-from service.web.middleware import UploadLimitMiddleware
-from service.web.routing import RouteMatch
+from service.http.errors import BodyRefused
+from service.http.middleware import UploadLimitMiddleware
+from service.http.routing import RouteMatch
 from tests.conftest import ROOT, run, until
 from tests.fakes import FAKE_SIZE, FakeModel, fake_outputs
-
-BOUNDARY = "limits-boundary"
-
-
-def _body(size: int) -> bytes:
-    """A multipart body of exactly `size` bytes, closing boundary included."""
-    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n\r\n'.encode()
-    tail = f"\r\n--{BOUNDARY}--\r\n".encode()
-    return head + b"x" * (size - len(head) - len(tail)) + tail
 
 
 class _Upload:
     """One request through the middleware: its body arrives in `chunks` as the test releases them."""
 
     def __init__(self, middleware: UploadLimitMiddleware, body: bytes, chunked: bool, chunks: int = 4) -> None:
-        headers = [(b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode())]
+        headers = [(b"content-type", content_type().encode())]
         if not chunked:
             headers.append((b"content-length", str(len(body)).encode()))
         route = RouteMatch("/classify", "classify")  # as RequestContextMiddleware matches it
@@ -72,8 +66,8 @@ def _holding_app(uploads: list[_Upload]):  # type: ignore[no-untyped-def]
         try:
             while (await receive()).get("more_body"):
                 pass
-        except ServiceError as exc:  # as the app's error handlers answer it
-            await send({"type": "http.response.start", "status": exc.status_code, "headers": []})
+        except BodyRefused as exc:  # as the app's error handlers answer it
+            await send({"type": "http.response.start", "status": exc.error.status, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return
         await upload.release.wait()
@@ -87,17 +81,18 @@ def _holding_app(uploads: list[_Upload]):  # type: ignore[no-untyped-def]
 def test_bodies_held_at_once_are_capped_by_bytes_and_the_cap_frees_as_they_end(chunked: bool) -> None:
     async def main() -> tuple[int | None, int | None, int | None]:
         uploads: list[_Upload] = []
-        middleware = UploadLimitMiddleware(_holding_app(uploads), max_bytes=8000, max_buffered=10_000)
-        first = _Upload(middleware, _body(6000), chunked)
+        state = new_state(Settings(max_upload_bytes=8000, max_buffered_upload_bytes=10_000, grpc_enabled=False))
+        middleware = UploadLimitMiddleware(_holding_app(uploads), state=state)
+        first = _Upload(middleware, sized(6000), chunked)
         uploads.append(first)
-        await until(lambda: middleware.buffered >= 6000)  # read whole and held
-        second = _Upload(middleware, _body(6000), chunked)  # 12,000 bytes would be held: over the budget
+        await until(lambda: state.uploads.buffered >= 6000)  # read whole and held
+        second = _Upload(middleware, sized(6000), chunked)  # 12,000 bytes would be held: over the budget
         uploads.append(second)
         await second.task
         first.release.set()
         await first.task
-        assert middleware.buffered == 0
-        third = _Upload(middleware, _body(6000), chunked)  # the first one's bytes were freed by its answer
+        assert state.uploads.buffered == 0
+        third = _Upload(middleware, sized(6000), chunked)  # the first one's bytes were freed by its answer
         uploads.append(third)
         third.release.set()
         await third.task
@@ -129,10 +124,12 @@ def test_memory_check_counts_decodes_queue_and_uploads_against_the_limit() -> No
     settings = Settings(decode_threads=4, max_image_pixels=40_000_000)
     need = settings.host_memory_bytes(224)
     assert need >= 4 * 40_000_000 * DECODE_BYTES_PER_PIXEL
-    limits.check_memory(settings, 224, limit=None, model_rss=2**30)  # no limit: nothing to check
-    limits.check_memory(settings, 224, limit=need + 2**30, model_rss=2**30)
+    queue = [Batching.defaults(settings).memory_bytes(224)]  # one model version batched by the settings
+    assert settings.request_memory_bytes() + queue[0] == need
+    limits.check_memory(settings, queue, limit=None, model_rss=2**30)  # no limit: nothing to check
+    limits.check_memory(settings, queue, limit=need + 2**30, model_rss=2**30)
     with pytest.raises(limits.LimitsError, match="RESNEST_DECODE_THREADS"):
-        limits.check_memory(settings, 224, limit=need + 2**30 - 1, model_rss=2**30)
+        limits.check_memory(settings, queue, limit=need + 2**30 - 1, model_rss=2**30)
 
 
 def test_a_server_whose_spool_budget_exceeds_the_disk_refuses_to_start(server_factory, tiny_onnx: Path) -> None:
@@ -179,7 +176,7 @@ def test_without_padding_batches_are_cut_to_warmed_shapes_and_answers_stay_exact
 DECODE_PROBE = """
 import sys
 from modelcard import PreprocessConfig
-from service.core.preprocess import preprocess
+from imaging.transforms import preprocess
 def status(key):
     line = next(l for l in open("/proc/self/status") if l.startswith(key))
     return int(line.split()[1]) * 1024

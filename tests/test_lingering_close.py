@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from service.web.middleware import LingeringCloseMiddleware
+from bench.forms import content_type, opening
+from service.http.middleware import LingeringCloseMiddleware
 from tests.conftest import run, send_raw
 
-MULTIPART = "multipart/form-data; boundary=b0undary"
+MULTIPART = content_type()
 
 
 def test_refusals_reach_connection_close_clients_that_sent_large_bodies(server_factory, tiny_onnx: Path) -> None:
     limit = 2**20
     server = server_factory({"RESNEST_MODEL_PATH": str(tiny_onnx), "RESNEST_MAX_UPLOAD_BYTES": str(limit)})
     # Far past the socket buffers: most of it is still unread when the answer goes out.
-    part = b'--b0undary\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n\r\n'
-    body = part + b"\xff" * (3 * limit)
+    body = opening() + b"\xff" * (3 * limit)
     cases = {
         "415": (f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n", body),
         "413 declared": (f"Content-Type: {MULTIPART}\r\nContent-Length: {len(body)}\r\n", body),

@@ -12,15 +12,8 @@ import tritonclient.http as triton
 from tritonclient.http import InferResult
 from tritonclient.http._utils import _get_inference_request
 
-from service.oip.codec import (
-    BYTES,
-    OutputTensor,
-    ProtocolError,
-    deserialize_bytes,
-    encode_response,
-    parse_request,
-    serialize_bytes,
-)
+from service.core.oip.tensors import BYTES, OutputTensor, ProtocolError, deserialize_bytes, serialize_bytes
+from service.http.oip.codec import encode_response, parse_request
 
 LIMIT = 10**7
 

@@ -22,11 +22,11 @@ import tritonclient.http as th
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.app import create_app
 from service.core.settings import Settings
 from service.grpc.messages import METHODS, SERVICE
+from service.grpc.rpc import Calls
 from service.grpc.server import GrpcFront
-from service.grpc.servicer import CLOSING_MESSAGE
+from service.http.app import create_app
 from tests.conftest import ServerProcess, jpeg, wait_until
 from tests.fakes import FakeModel
 
@@ -219,7 +219,7 @@ def test_sigterm_under_grpc_load_loses_no_accepted_call(tmp_path: Path, tiny_onn
                     # closed) or by the server once it takes no new calls. Anything else (a cancellation, a
                     # 503 for a call that was admitted and then dropped) would be a lost call.
                     unavailable = exc.status() == "StatusCode.UNAVAILABLE"
-                    refused = unavailable and ("draining" not in exc.message() or CLOSING_MESSAGE in exc.message())
+                    refused = unavailable and ("draining" not in exc.message() or Calls.CLOSING in exc.message())
                     outcome = "refused" if refused else f"lost: {exc.status()} {exc.message()}"
                 with lock:
                     outcomes.append(outcome)

@@ -17,8 +17,9 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from bench.forms import files
+from imaging.transforms import preprocess
 from modelcard import PreprocessConfig
-from service.core.preprocess import preprocess
 from tests.conftest import jpeg
 from tests.test_finetune_digits import digits_model, digits_onnx  # noqa: F401 - fixtures used below
 
@@ -77,10 +78,6 @@ def http_for(server) -> httpx.Client:  # type: ignore[no-untyped-def]
     return httpx.Client(base_url=server.url, timeout=120, headers=auth())
 
 
-def uploads(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
-
-
 def bytes_input(blobs: list[bytes], binary: bool) -> triton.InferInput:
     tensor = triton.InferInput("image_bytes", [len(blobs), 1], "BYTES")
     # JSON cannot carry raw image bytes: there the elements are base64 (README, OIP section).
@@ -123,8 +120,8 @@ def test_bytes_and_fp32_inputs_answer_what_classify_and_embed_answer(server, bin
     client = client_for(server)
     with http_for(server) as http:
         for model, k in (("tiny", 5), ("digits", 3)):
-            ref = http.post("/classify", params={"model": model, "top_k": k}, files=uploads(PHOTOS)).json()
-            ref_emb = http.post("/embed", params={"model": model}, files=uploads(PHOTOS)).json()
+            ref = http.post("/classify", params={"model": model, "top_k": k}, files=files(*PHOTOS)).json()
+            ref_emb = http.post("/embed", params={"model": model}, files=files(*PHOTOS)).json()
             card = http.get("/model", params={"model": model}).json()
             want_strings = [
                 [f"{p['score']:f}:{p['index']}:{p['label']}" for p in r["predictions"]] for r in ref["results"]
@@ -160,7 +157,7 @@ def test_classification_on_logits_ranks_like_classify_with_the_logit_values(serv
     result = client.infer("digits", [bytes_input(PHOTOS[:1], True)], outputs=out, headers=auth())
     (row,) = result.as_numpy("logits")
     with http_for(server) as http:
-        ref = http.post("/classify", params={"model": "digits", "top_k": 3}, files=uploads(PHOTOS[:1]))
+        ref = http.post("/classify", params={"model": "digits", "top_k": 3}, files=files(*PHOTOS[:1]))
     ranks = [(p["index"], p["label"]) for p in ref.json()["results"][0]["predictions"]]
     parsed = [text(s).split(":") for s in row]
     assert [(int(i), label) for _, i, label in parsed] == ranks
@@ -228,7 +225,7 @@ def test_load_and_unload_under_load_lose_no_request_of_the_other_model(server, r
         with http_for(server) as http:
             deadline = time.monotonic() + 300  # bounded even if the test body fails before setting `stop`
             while not stop.is_set() and time.monotonic() < deadline:
-                answer = http.post("/classify", params={"model": "tiny", "version": 2}, files=uploads(PHOTOS[:2]))
+                answer = http.post("/classify", params={"model": "tiny", "version": 2}, files=files(*PHOTOS[:2]))
                 statuses.append(answer.status_code)
 
     worker = threading.Thread(target=hammer, daemon=True)
@@ -237,7 +234,7 @@ def test_load_and_unload_under_load_lose_no_request_of_the_other_model(server, r
         client.unload_model("digits", headers=control())
         assert not client.is_model_ready("digits")
         with http_for(server) as http:
-            gone = http.post("/classify", params={"model": "digits"}, files=uploads(PHOTOS[:1]))
+            gone = http.post("/classify", params={"model": "digits"}, files=files(*PHOTOS[:1]))
         assert gone.status_code == 404 and "available: tiny" in gone.json()["error"]["message"]
         # A load that fails (a corrupt file) leaves what was served untouched: tiny keeps version 2 serving.
         good = (repository / "tiny" / "2" / "model.onnx").read_bytes()
@@ -265,7 +262,7 @@ def test_load_and_unload_under_load_lose_no_request_of_the_other_model(server, r
     print(f"\ntiny under load during unload/failed load/load/reload: {len(statuses)} requests, {set(statuses)}")
     assert statuses and set(statuses) == {200}
     with http_for(server) as http:
-        back = http.post("/classify", params={"model": "digits"}, files=uploads(PHOTOS[:1]))
+        back = http.post("/classify", params={"model": "digits"}, files=files(*PHOTOS[:1]))
     assert back.status_code == 200
 
 
@@ -279,7 +276,7 @@ def test_an_unload_finishes_the_requests_in_flight(server) -> None:  # type: ign
 
         def request(results: list[int] = results) -> None:
             with http_for(server) as http:
-                results.append(http.post("/classify", params={"model": "digits"}, files=uploads(big)).status_code)
+                results.append(http.post("/classify", params={"model": "digits"}, files=files(*big)).status_code)
 
         requester = threading.Thread(target=request)
         requester.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.core.postprocess import l2_normalize, softmax, top_k
+from service.core.request.postprocess import l2_normalize, softmax, top_k
 
 LABELS = [f"class {i}" for i in range(1000)]
 

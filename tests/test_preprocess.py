@@ -1,4 +1,4 @@
-"""service.core.preprocess against a torchvision-faithful reference: geometry, decoding, modes, limits and bad input."""
+"""imaging.transforms against a torchvision-faithful reference: geometry, decoding, modes, limits and bad input."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageOps, PngImagePlugin
 
-import service.core.preprocess
+import imaging.transforms
+from imaging.transforms import ImageError, configure_pillow, crop_box, decode, preprocess, resized_size, to_rgb
 from modelcard import PreprocessConfig
-from service.core.preprocess import ImageError, configure_pillow, crop_box, decode, preprocess, resized_size, to_rgb
 from tests.reference_transforms import eval_transform
 
 MEAN = (0.485, 0.456, 0.406)
@@ -270,7 +270,7 @@ def test_wide_grey_gives_the_float64_formulas_values(
     img = make()
     assert img.mode == mode
     if block_pixels is not None:  # 3 rows a block at width 256: many blocks and a shorter last one
-        monkeypatch.setattr(service.core.preprocess, "_BLOCK_PIXELS", block_pixels)
+        monkeypatch.setattr(imaging.transforms, "_BLOCK_PIXELS", block_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy's "overflow in cast" for +-inf and 1e30 in F
         expected = legacy_grey(img)
@@ -437,18 +437,18 @@ def test_import_changes_no_process_wide_state() -> None:
         def state():
             return [PIL.Image.MAX_IMAGE_PIXELS, [repr(f) for f in warnings.filters]]
         before = state()
-        import service.core.preprocess
+        import imaging.transforms
         imported = state()
-        service.core.preprocess.configure_pillow()
+        imaging.transforms.configure_pillow()
         configured = state()
-        service.core.preprocess.configure_pillow()
+        imaging.transforms.configure_pillow()
         print(json.dumps({"before": before, "imported": imported, "configured": configured, "again": state()}))
     """
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     states = json.loads(run.stdout)
     assert states["before"][0] == PILLOW_MAX_IMAGE_PIXELS
-    assert states["imported"] == states["before"], "importing service.core.preprocess changed Pillow or warnings"
+    assert states["imported"] == states["before"], "importing imaging.transforms changed Pillow or warnings"
     max_pixels, filters = states["configured"]
     assert max_pixels is None and len(filters) == len(states["before"][1]) + 1
     assert states["again"] == states["configured"], "a second configure_pillow() changed something"

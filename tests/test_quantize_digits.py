@@ -118,7 +118,7 @@ def test_int8_keeps_held_out_accuracy_within_one_point_of_fp32(digits_int8: Int8
     images = sorted(digits_int8.eval_dir.rglob("*.png"))
     truth = np.array([LABELS.index(p.parent.name) for p in images])
     session = ort.InferenceSession(str(digits_int8.path), providers=["CPUExecutionProvider"])
-    from service.core.preprocess import preprocess
+    from imaging.transforms import preprocess
 
     batch = np.stack([preprocess(p.read_bytes(), card.preprocess, 1 << 20) for p in images])
     logits = session.run(None, {"images": batch})[0]
@@ -130,7 +130,7 @@ def test_the_server_serves_the_int8_file_unchanged(server_factory, digits_int8: 
     images = sorted(digits_int8.eval_dir.rglob("*.png"))[::36][:10]  # one scan of each digit
     session = ort.InferenceSession(str(digits_int8.path), providers=["CPUExecutionProvider"])
     card = digits_int8.card
-    from service.core.preprocess import preprocess
+    from imaging.transforms import preprocess
 
     want = session.run(None, {"images": np.stack([preprocess(p.read_bytes(), card.preprocess, 1 << 20)
                                                   for p in images])})[0]  # fmt: skip

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from service.core import limits
-from service.core import registry as registry_module
-from service.core.batcher import BatcherStopped
 from service.core.errors import ServiceError
 from service.core.metrics import Metrics
-from service.core.registry import Registry
-from service.core.repository import ModelEntry
-from service.core.runtime import ModelLoadError
+from service.core.repository import registry as registry_module
+from service.core.repository.layout import ModelEntry
+from service.core.repository.registry import Registry
+from service.core.request.batching import BatcherStopped
+from service.core.request.inference import ModelLoadError
 from service.core.settings import Settings
 from tests.conftest import run
 from tests.fakes import FAKE_SIZE, FakeModel
@@ -26,7 +26,7 @@ from tests.fakes import FAKE_SIZE, FakeModel
 def make(loader=None) -> tuple[Registry, Metrics, list[FakeModel]]:  # type: ignore[no-untyped-def]
     built: list[FakeModel] = []
 
-    def fake_loader(settings: Settings, path: Path) -> FakeModel:
+    def fake_loader(settings: Settings, path: Path, shapes: list[int]) -> FakeModel:
         model = FakeModel()
         built.append(model)
         return model
@@ -69,7 +69,7 @@ def test_a_failed_load_leaves_the_served_version_and_its_metrics() -> None:
     async def main() -> None:
         calls = {"n": 0}
 
-        def flaky(settings: Settings, path: Path) -> FakeModel:
+        def flaky(settings: Settings, path: Path, shapes: list[int]) -> FakeModel:
             calls["n"] += 1
             if calls["n"] > 1:
                 raise RuntimeError("Load model from /secret/path/model.onnx failed: protobuf parsing failed")
@@ -133,6 +133,6 @@ def test_resolve_errors_name_what_is_available() -> None:
         assert reg.resolve("a").version == 2  # latest policy by default: the entry selects version 2 only
         with pytest.raises(ServiceError, match=r"has no version 1; available: \[2\]") as missing:
             reg.resolve("a", 1)
-        assert missing.value.status_code == 404
+        assert missing.value.status == 404
 
     run(main())

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.core.repository import RepositoryError, VersionPolicy, parse_version_policy, read_model, scan
+from service.core.repository.config import ModelConfig, VersionPolicy
+from service.core.repository.layout import RepositoryError, read_model, scan
 
 
 def lay_out(root: Path, model: str, versions: list[int], config: str | None = None) -> Path:
@@ -53,7 +54,7 @@ def test_folders_that_cannot_be_served_say_why_and_do_not_hide_the_others(tmp_pa
 
 def test_policy_describes_itself_as_triton_config_json() -> None:
     assert VersionPolicy().describe() == {"latest": {"num_versions": 1}}
-    assert parse_version_policy("version_policy: { specific { versions: [2,5] } }").describe() == {
+    assert ModelConfig.parse("version_policy: { specific { versions: [2,5] } }").version_policy.describe() == {
         "specific": {"versions": [2, 5]}
     }
 

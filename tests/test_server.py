@@ -17,9 +17,10 @@ import onnxruntime as ort
 import psutil
 import pytest
 
+from bench.forms import content_type, opening
+from imaging.transforms import preprocess
 from modelcard import ModelCard
-from service.core.postprocess import softmax
-from service.core.preprocess import preprocess
+from service.core.request.postprocess import softmax
 from tests.conftest import ROOT, jpeg, run, until
 
 
@@ -179,22 +180,17 @@ def test_huge_uploads_are_refused_without_buffering(server_factory, tiny_onnx: P
     server = server_factory({"RESNEST_MODEL_PATH": str(tiny_onnx), "RESNEST_MAX_UPLOAD_BYTES": str(limit)})
     proc = psutil.Process(server.proc.pid)
     before = proc.memory_info().rss
-    boundary = "b0undary"
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="big.jpg"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n"
-    )
     chunk = b"\xff" * (1 << 20)
     sent = 0
 
     def body():  # type: ignore[no-untyped-def]
         nonlocal sent
-        yield head.encode()
+        yield opening(ctype="image/jpeg")
         for _ in range(1024):  # up to 1 GiB, chunked: no Content-Length to refuse up front
             sent += len(chunk)
             yield chunk
 
-    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    headers = {"content-type": content_type()}
     started = time.monotonic()
     r = httpx.post(f"{server.url}/classify", content=body(), headers=headers, timeout=120)
     elapsed = time.monotonic() - started

@@ -17,16 +17,16 @@ import httpx
 import numpy as np
 import pytest
 
-from service.app import create_app
-from service.core.batcher import Batcher, BatcherStopped
+from service.core.request.batching import Batcher, BatcherStopped
 from service.core.settings import Settings
+from service.http.app import create_app
 from tests.conftest import ROOT, app_client, jpeg, run
 from tests.fakes import FAKE_SIZE, FakeModel
 
 # A model call that never returns once a real image arrives (warm-up feeds zeros), like a hung GPU kernel.
 STUCK_INFERENCE = """
 import threading
-import service.core.runtime as runtime
+import service.core.request.inference as runtime
 original = runtime.OrtModel.infer
 def infer(self, images):
     if images.any():
@@ -37,7 +37,7 @@ runtime.OrtModel.infer = infer
 # A shutdown that blocks the event loop itself: only the watchdog thread can still end the process.
 BLOCKED_LOOP = """
 import time
-import service.core.batcher as batcher
+import service.core.request.batching as batcher
 async def stop(self, timeout):
     time.sleep(3600)
 batcher.Batcher.stop = stop

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.core import providers
+import providers.probe as providers
 from tests.conftest import ROOT, jpeg, wait_until
 
 # Every line of a text-format log comes from the service's formatter: time, level, logger, message.

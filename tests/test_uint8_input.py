@@ -12,13 +12,13 @@ import pytest
 
 from export.cli import parse_args
 from export.device_input import host_normalise
-from modelcard import FLOAT32_NCHW, UINT8_NHWC, ModelCard, PreprocessConfig
-from service.app import create_app
-from service.core.batcher import Batcher
-from service.core.preprocess import preprocess
-from service.core.runtime import ModelLoadError, OrtModel
+from imaging.transforms import preprocess
+from modelcard import FLOAT32_NCHW, UINT8_NHWC, ModelCard
+from service.core.request.batching import Batcher
+from service.core.request.inference import ModelLoadError, OrtModel
 from service.core.settings import Settings
-from tests.conftest import TINY_SIZE, TINY_VARIANT, app_client, run
+from service.http.app import create_app
+from tests.conftest import TINY_SIZE, app_client, export_tiny, run, settings
 
 # The uint8 graph's prefix does the host's two float32 operations in the same order: on the CPU EP the
 # float graph after it sees identical inputs. Measured max abs difference here: 0.0.
@@ -28,20 +28,11 @@ MAX_ABS = 1e-4
 @pytest.fixture(scope="module")
 def uint8_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The conftest's tiny model (same weights, same preprocessing), exported with uint8-nhwc input."""
-    import models
-    from export.pipeline import export_model
-
-    model = models.create_model(TINY_VARIANT, seed=0)
-    data = model.variant.data
-    cfg = PreprocessConfig(TINY_SIZE, 73, data.interpolation, data.mean, data.std)
-    out = tmp_path_factory.mktemp("uint8") / "tiny-u8.onnx"
-    export_model(model, cfg, out, weights={"source": "random", "sha256": "random", "seed": 0},
-                 compare_naive=False, log=lambda _: None, input_format=UINT8_NHWC)  # fmt: skip
-    return out
+    return export_tiny(tmp_path_factory.mktemp("uint8") / "tiny-u8.onnx", UINT8_NHWC)
 
 
 def _settings(path: Path, **overrides: object) -> Settings:
-    return Settings(model_path=path, max_batch_size=4, providers="cpu", grpc_enabled=False, **overrides)  # type: ignore[arg-type]
+    return settings(model_path=path, providers="cpu", **overrides)
 
 
 def test_the_file_records_its_input_layout_and_the_graph_takes_bytes(uint8_onnx: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from .settings import Settings
@@ -56,15 +57,17 @@ def check_spool(settings: Settings, spool_dir: str | None = None) -> None:
         )
 
 
-def check_memory(settings: Settings, input_size: int, limit: int | None, model_rss: int, versions: int = 1) -> None:
-    """The models as loaded plus the request path's worst case (a queue per model version) must fit the limit."""
+def check_memory(settings: Settings, queues_bytes: Sequence[int], limit: int | None, model_rss: int) -> None:
+    """The models as loaded, the request path's worst case and every model version's queue (`queues_bytes`,
+    each at its fullest: Batching.memory_bytes) must fit the limit."""
     if limit is None:
         return
-    need = model_rss + settings.host_memory_bytes(input_size, versions)
+    need = model_rss + settings.request_memory_bytes() + sum(queues_bytes)
     if need > limit:
         raise LimitsError(
             f"worst-case memory {need >> 20} MiB (models {model_rss >> 20} MiB as loaded, plus "
-            f"RESNEST_DECODE_THREADS x RESNEST_MAX_IMAGE_PIXELS decodes, {versions} queue(s) of tensors and the "
-            f"uploads' in-memory parts) exceeds the memory limit of {limit >> 20} MiB: lower RESNEST_DECODE_THREADS, "
-            f"RESNEST_MAX_IMAGE_PIXELS or RESNEST_MAX_QUEUE_SIZE, or raise the limit"
+            f"RESNEST_DECODE_THREADS x RESNEST_MAX_IMAGE_PIXELS decodes, {len(queues_bytes)} queue(s) of tensors, "
+            f"the uploads' in-memory parts and the gRPC messages being read) exceeds the memory limit of "
+            f"{limit >> 20} MiB: lower RESNEST_DECODE_THREADS, RESNEST_MAX_IMAGE_PIXELS or RESNEST_MAX_QUEUE_SIZE "
+            "(or the models' max_queue_size), or raise the limit"
         )

@@ -1,13 +1,18 @@
 """Logging for the service: text for people or one JSON object per line for log pipelines, one access record
-per request, and uvicorn's loggers routed through the same handler."""
+per request (the same fields whichever protocol carried it), and uvicorn's loggers routed through the same
+handler."""
 
 from __future__ import annotations
 
 import contextvars
 import datetime as dt
 import logging
+import re
 import sys
+import time
 import traceback
+import uuid
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TextIO
 
 import orjson
@@ -16,6 +21,8 @@ ACCESS_LOGGER = "service.access"
 # The request being served, for every record logged while it is (the access record, a handler's error).
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# A client's own request id is echoed only when it is this (no spaces, no markup, nothing a log would misread).
+WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 # Attributes every LogRecord has; anything else on a record came in through `extra=` and is a field.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 # uvicorn's own extras: the same message with ANSI colours, which a pipeline has no use for.
@@ -121,3 +128,43 @@ def log_access(level: int, fields: dict[str, Any]) -> None:
     logger = logging.getLogger(ACCESS_LOGGER)
     if logger.isEnabledFor(level):
         logger.log(level, "%s %s %s", fields.get("method"), fields.get("path"), fields.get("status"), extra=fields)
+
+
+def request_id(offered: object) -> str:
+    """The client's request id (HTTP X-Request-ID, gRPC x-request-id metadata) when well-formed, else a new one."""
+    return offered if isinstance(offered, str) and WELL_FORMED_ID.fullmatch(offered) else uuid.uuid4().hex
+
+
+@dataclass
+class AccessRecord:
+    """One request's access record: what the front knows on arrival, what the request path adds (model,
+    images, timings) and, at the end, its status; `emit` logs it."""
+
+    request_id: str
+    method: str  # the HTTP method, or "gRPC"
+    path: str  # as sent (percent-encoding kept), or the RPC's full name
+    route: str  # the route template or RPC: one value per route, for filtering
+    client: str | None
+    started: float = field(default_factory=time.perf_counter)
+    status: int | str | None = None  # the HTTP status, or the gRPC status code's name
+    model: str | None = None
+    model_version: int | None = None
+    images: int | None = None
+    bytes_received: int | None = None
+    preprocess_ms: float | None = None
+    queue_ms: float | None = None
+    inference_ms: float | None = None
+
+    def elapsed(self) -> float:
+        """Seconds since the request arrived."""
+        return time.perf_counter() - self.started
+
+    def emit(self, quiet: bool = False) -> None:
+        """Log the record, at debug when `quiet` (a probe's success) and at info otherwise."""
+        fields = asdict(self)
+        del fields["started"]
+        client = fields.pop("client")
+        # The order of the lines this record always wrote: who and what, the outcome, then the model's part.
+        ordered = {k: fields.pop(k) for k in ("request_id", "method", "path", "route", "status")}
+        ordered["duration_ms"] = round(self.elapsed() * 1000, 2)
+        log_access(logging.DEBUG if quiet else logging.INFO, {**ordered, **fields, "client": client})

@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     jpeg_draft: bool = Field(
         False, description="decode large JPEGs at reduced DCT scale (faster; pixels differ slightly from reference)"
     )
-    # The GPU path: host work per image, and how batches reach the device (service/core/runtime.py).
+    # The GPU path: host work per image, and how batches reach the device (service/core/request/inference.py).
     resize_reducing_gap: float | None = Field(
         None,
         ge=1.0,
@@ -217,28 +217,44 @@ class Settings(BaseSettings):
         return self.default_model or self.model_path.stem
 
     def batch_shapes(self) -> list[int]:
-        """Every batch size the batcher can hand to the model (what warm-up must cover): the powers of two
-        below max_batch_size, and max_batch_size. Batches are padded up to one (pad_batches) or cut down
-        to one, so warm-up stays logarithmic in max_batch_size instead of quadratic."""
-        sizes, n = [], 1
-        while n < self.max_batch_size:
-            sizes.append(n)
-            n *= 2
-        return [*sizes, self.max_batch_size]
+        """Every batch size the batcher can hand a model configured by these settings alone (what warm-up must
+        cover): the powers of two below max_batch_size, and max_batch_size. Batches are padded up to one
+        (pad_batches) or cut down to one, so warm-up stays logarithmic in max_batch_size, not quadratic. A
+        model's config.pbtxt may say otherwise (service/core/repository/config.py)."""
+        return [*powers_of_two_below(self.max_batch_size), self.max_batch_size]
 
     def grpc_reads(self) -> int:
         """gRPC messages read at once: grpc reads a message whole, so as many as the upload budget holds at the
         largest size (at least one); the rest wait their turn."""
         return max(1, self.max_buffered_upload_bytes // self.max_upload_bytes) if self.grpc_enabled else 0
 
-    def host_memory_bytes(self, input_size: int, versions: int = 1) -> int:
-        """Worst-case host memory the request path can hold at once, besides the models' own: decodes in
-        progress, each model version's queued input tensors, the uploads' in-memory parts and the gRPC
-        messages being read."""
+    def request_memory_bytes(self) -> int:
+        """Worst-case host memory of the request path apart from the models' queues: decodes in progress, the
+        uploads' in-memory parts and the gRPC messages being read."""
         decoding = self.decode_threads * self.max_image_pixels * DECODE_BYTES_PER_PIXEL
-        tensors = versions * (self.max_queue_size + self.max_batch_size) * 3 * input_size * input_size * 4
         uploads = min(self.max_buffered_upload_bytes, self.max_concurrent_requests * UPLOAD_PART_IN_MEMORY_BYTES)
-        return decoding + tensors + uploads + self.grpc_reads() * self.max_upload_bytes
+        return decoding + uploads + self.grpc_reads() * self.max_upload_bytes
+
+    def host_memory_bytes(self, input_size: int, versions: int = 1) -> int:
+        """Worst-case host memory the request path can hold at once, besides the models' own, for `versions`
+        model versions batched by these settings (what a deployment is sized for): request_memory_bytes and
+        each version's queued input tensors."""
+        queued = queue_memory_bytes(self.max_queue_size, self.max_batch_size, input_size)
+        return self.request_memory_bytes() + versions * queued
+
+
+def powers_of_two_below(n: int) -> list[int]:
+    """1, 2, 4, ... below n: the batch shapes warmed below the largest when none are preferred."""
+    sizes, size = [], 1
+    while size < n:
+        sizes.append(size)
+        size *= 2
+    return sizes
+
+
+def queue_memory_bytes(max_queue_size: int, max_batch_size: int, input_size: int) -> int:
+    """A model version's queued input tensors at their most: a full queue plus the batch being run (float32)."""
+    return (max_queue_size + max_batch_size) * 3 * input_size * input_size * 4
 
 
 def describe_settings() -> str:

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs
 
-from starlette.types import Scope
-
-from .admission import UploadBudget
-from .batcher import Batcher
 from .errors import ServiceError
-from .identifiers import parse_version
 from .metrics import Metrics
-from .registry import Registry, ServedModel
-from .runtime import InferenceModel
+from .repository.registry import Registry, ServedModel
+from .request.admission import UploadBudget
+from .request.batching import Batcher
+from .request.inference import InferenceModel
 from .settings import Settings
-
-# /v2/models/{model}[/versions/{version}]/infer: the model an OIP upload is for, read before its body.
-OIP_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 
 
 @dataclass
@@ -85,29 +77,6 @@ class ServiceState:
             elif served.batcher.stalled_for() > self.settings.request_timeout_s:
                 reasons.append(f"{label}inference stalled")
         return reasons
-
-    def overloaded(self, scope: Scope | None = None) -> int | None:
-        """Retry-After seconds when the queue of the model this request is for has no room for one image."""
-        served = self._target(scope)
-        if served is None or not served.batcher.full():
-            return None
-        return served.batcher.retry_after(served.batcher.depth)
-
-    def _target(self, scope: Scope | None) -> ServedModel | None:
-        """The model an upload names (query or OIP path), resolved without raising; None when unknown."""
-        name: str | None = None
-        given: str | None = None
-        if scope is not None:
-            found = OIP_INFER.match(scope.get("path", ""))
-            if found:
-                name, given = found["name"], found["version"]
-            else:
-                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-                name, given = query.get("model", [None])[0], query.get("version", [None])[0]
-        try:
-            return self.registry.resolve(name, parse_version(given))
-        except ServiceError:  # the request's own handler answers it
-            return None
 
     def liveness_failure(self) -> str | None:
         """Why the process should be restarted (liveness fails), or None while it can serve: a batch worker

@@ -1,6 +1,6 @@
 """Tensors of the Open Inference Protocol over gRPC: ModelInferRequest -> InferRequest, outputs -> response.
 
-The counterpart of service/oip/codec.py for HTTP, producing the same InferRequest, so both transports share
+The counterpart of service/http/oip/codec.py for HTTP, producing the same InferRequest, so both transports share
 the checks and the inference that follow. Inputs come as `raw_input_contents` (one little-endian buffer per
 input, BYTES elements length-prefixed; what tritonclient sends) or as typed `contents`; outputs always go back
 as `raw_output_contents`, as Triton's server sends them.
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import Message
 
-from ..oip.codec import (
+from ..core.oip.tensors import (
     BYTES,
     DTYPES,
     InferRequest,

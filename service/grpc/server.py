@@ -11,7 +11,8 @@ from grpc_health.v1 import health_pb2_grpc
 from ..core.settings import LATE_REQUEST_WAIT_S
 from ..core.state import ServiceState
 from .health import HealthServicer
-from .servicer import InferenceServicer, KeyInterceptor
+from .interceptor import KeyInterceptor
+from .servicer import InferenceServicer
 
 log = logging.getLogger("service.grpc")
 
@@ -34,12 +35,11 @@ class GrpcFront:
                 # grpc sets SO_REUSEPORT by default: a second server on the same port would share it silently.
                 ("grpc.so_reuseport", 0),
                 # BDP probing grows each stream's receive window, so calls refused on their metadata (no key)
-                # still had their bytes buffered by the transport: 64 wrong-key 20 MiB calls grew the server by
-                # 66-70 MiB with it, 3 MiB without (bench/hostile.py). A 20 MiB call on loopback took 24 ms
-                # without it and 28 ms with it.
+                # still had their bytes buffered by the transport (bench/hostile.py's wrong-key clients show
+                # the server's growth); without it a large call on loopback was no slower.
                 ("grpc.http2.bdp_probe", 0),
             ],
-            interceptors=[KeyInterceptor(self.servicer)],
+            interceptors=[KeyInterceptor(settings, self.servicer.refusal)],
         )
         self.server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(state), self.server)
@@ -68,8 +68,8 @@ class GrpcFront:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(grace, 0.0)
-        self.servicer.closing = True
+        self.servicer.calls.closing = True
         await asyncio.sleep(min(LATE_REQUEST_WAIT_S, max(grace, 0.0)))
-        while self.servicer.inflight and loop.time() < deadline:
+        while self.servicer.calls.inflight and loop.time() < deadline:
             await asyncio.sleep(0.01)
         await self.server.stop(max(deadline - loop.time(), 0.0))
