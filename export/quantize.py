@@ -97,8 +97,8 @@ class Recipe:
 
 
 # The default: everything but the classifier in int8 (the stem and the split-attention gates included), 7-bit
-# weights per channel, MinMax ranges. Measured on the digits resnest14d (bench/train_digits.py; on this
-# project's AVX-512 VNNI CPU and on an emulated AVX2 one) and resnest50 at 224 (README, "int8 on CPU").
+# weights per channel, MinMax ranges: chosen on the digits resnest14d (bench/train_digits.py, on VNNI and on
+# an emulated AVX2 CPU) and resnest50 at 224 (bench/results/model-int8-cpu.md).
 DEFAULT_RECIPE = Recipe()
 
 
@@ -428,19 +428,17 @@ class Thresholds:
     min_confident_top1: float | None
 
 
-# Trained weights. Measured on the digits resnest14d (360 held-out scans): the default recipe keeps accuracy
-# (99.44% both), cosine mean 0.9997 / min 0.998 and agrees on every image; calibrated on one blank scan instead,
-# int8 falls to 29.7% with cosine mean 0.50 / min 0.11. The cosine floors (mean 0.98: 11 degrees; min 0.90:
-# 26 degrees) sit far from both, so they pass any sound quantization and refuse a broken one, and the labelled
-# accuracy, where given, is the criterion that decides.
+# Trained weights: the labelled accuracy, where given, is the criterion that decides. The cosine floors (mean
+# 0.98: 11 degrees; min 0.90: 26 degrees) sit far both from what the default recipe gives a trained model and
+# from what a broken calibration (one blank image) gives it, so they pass any sound quantization and refuse a
+# broken one: tests/test_quantize_digits.py measures both on the digits model and prints the figures.
 TRAINED = Thresholds(
     max_accuracy_drop=0.01, min_cosine_mean=0.98, min_cosine=0.90, confident_margin=0.05, min_confident_top1=0.98
 )
 # Seeded random weights (plumbing and load tests) have no margin to keep and no accuracy to lose: their logits
-# are near ties and quantization noise is not averaged out by trained redundancy. Measured on resnest50 at 224
-# (60 held-out views): the default recipe gives cosine mean 0.985 / min 0.935 and top-1 agreement 0.73 (0.81
-# on the confident images); calibrated on one grey image, 0.74 / 0.55 and 0.20. The floors refuse the broken
-# one; top-1 is reported, not required.
+# are near ties and quantization noise is not averaged out by trained redundancy. The floors sit between what
+# the default recipe gives resnest50's random weights and what a one-grey-image calibration gives them
+# (tests/test_quantize.py prints the tiny model's); top-1 is reported, not required.
 RANDOM = Thresholds(
     max_accuracy_drop=0.01, min_cosine_mean=0.95, min_cosine=0.80, confident_margin=0.05, min_confident_top1=None
 )
