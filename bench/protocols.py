@@ -62,14 +62,14 @@ def _report(row: dict[str, Any], label: str) -> None:
 
 
 def ours(model: Path, photos_dir: Path, concurrencies: list[int], order: list[str], duration: float,
-         warmup: float, settings: dict[str, str]) -> list[dict[str, Any]]:  # fmt: skip
-    """This service, both fronts up, every protocol at every concurrency, in `order`."""
+         warmup: float, settings: dict[str, str], checkout: Path = ROOT) -> list[dict[str, Any]]:  # fmt: skip
+    """This service (as `checkout` holds it), both fronts up, every protocol at every concurrency, in `order`."""
     port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**settings, "RESNEST_MODEL_PATH": str(model), "RESNEST_DEFAULT_MODEL": MODEL_NAME,
            "RESNEST_HOST": "127.0.0.1", "RESNEST_PORT": str(port), "RESNEST_GRPC_PORT": str(grpc_port)}  # fmt: skip
     rows = []
-    with server([sys.executable, "-m", "service"], env, url) as proc:
+    with server([sys.executable, "-m", "service"], env, url, cwd=checkout) as proc:
         for c in concurrencies:
             for protocol in order:
                 with Sampler(proc.pid) as sampler:

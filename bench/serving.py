@@ -113,9 +113,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(command: list[str], env: dict[str, str], url: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server process, wait until /readyz is 200, stop it afterwards."""
-    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+def server(command: list[str], env: dict[str, str], url: str, cwd: Path = ROOT) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server process in `cwd` (whose packages it imports), wait until /readyz is 200, stop it afterwards."""
+    proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
         while True:
