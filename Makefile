@@ -10,7 +10,7 @@ CHECKPOINT ?=
 SHA256 ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install model lb browser lint bench bench-protocols proto clean
+.PHONY: serve test install model lb browser lint bench bench-protocols peers proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,14 @@ bench: install $(MODEL)
 # Each protocol (multipart, OIP HTTP JSON and binary, OIP gRPC) on the same images, in one run.
 bench-protocols: install $(MODEL)
 	$(PY) -m bench.protocols --model $(MODEL)
+
+# The peers `python -m bench.protocols --peer ...` measures beside this service, each in its own environment.
+PEERS ?= bentoml litserve mlserver
+peers:
+	@for p in $(PEERS); do \
+		[ -x .peers/$$p/bin/python ] || $(PYTHON) -m venv .peers/$$p; \
+		.peers/$$p/bin/pip install --quiet -r bench/peers/requirements-$$p.txt || exit 1; \
+	done
 
 # The gRPC front's descriptor set, from its protocol definition (tests/test_grpc_proto.py checks they agree).
 proto: install

@@ -1,14 +1,14 @@
 """Protocol benchmark: the same server, the same 500 px JPEGs and the same answer (the top 5 classes) over each
-protocol it speaks, in one run, and optionally a peer, Seldon MLServer, over OIP gRPC.
+protocol it speaks, in one run, and optionally peers (BentoML, LitServe, MLServer) on the same file.
 
-    python -m bench.protocols --model artifacts/resnest50-fp32.onnx [--concurrency 1 16] [--rounds 2] \\
-        [--mlserver /path/to/venv/bin/mlserver]
+    python -m bench.protocols --model artifacts/resnest50-fp32.onnx [--concurrency 1 16] [--rounds 2] \
+        [--protocols multipart grpc] [--peer bentoml litserve mlserver]   # peers: `make peers` first
 
 Protocols: multipart /classify, OIP HTTP JSON (base64 BYTES), OIP HTTP binary (Triton's binary tensors) and OIP
 gRPC (tritonclient.grpc.aio, one channel). Each point is a closed loop from its own load-generator process
 (bench/loadgen.py); the order of protocols rotates every round so drift on a shared machine does not favour
-one. With --mlserver, MLServer 1.7.1 (its own virtual environment; adaptive batching of at most 8 images, 10 ms,
-decoding inside the batch, bench/mlserver_runtime.py) is measured between our rounds on the same file.
+one. Each --peer (bench/peers: its own virtual environment, adaptive batching of at most 8 images as its
+documentation configures it, decoding inside the batch) is measured between our rounds in its own protocol.
 Results: JSON and markdown under bench/results/, with the machine; the raw session's ceiling is measured in
 the same run.
 """
@@ -16,24 +16,21 @@ the same run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import onnxruntime as ort
 
 from modelcard import ModelCard
 
 from .machine import describe, summary
+from .peers import NAMES as PEERS
+from .peers import serve
 from .serving import BENCH_ENV, ROOT, Sampler, bench_photos, ceiling, free_port, preprocess_cost, server
 
 PROTOCOLS = ("multipart", "oip-json", "oip-binary", "grpc")
@@ -80,84 +77,59 @@ def ours(model: Path, photos_dir: Path, concurrencies: list[int], order: list[st
     return rows
 
 
-@contextlib.contextmanager
-def mlserver(executable: Path, model: Path, folder: Path) -> Iterator[tuple[str, str, int]]:
-    """MLServer on `model` with bench/mlserver_runtime.py; yields (HTTP url, gRPC target, pid)."""
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "settings.json").write_text(json.dumps({
-        "http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port, "host": "127.0.0.1",
-        # Inference in MLServer's main process: its worker processes fail to start under uvloop 0.23 ("no
-        # current event loop"), and on two cores a second process would only compete for them anyway.
-        "parallel_workers": 0,
-    }))  # fmt: skip
-    (folder / "model-settings.json").write_text(json.dumps({
-        "name": MODEL_NAME, "implementation": "bench.mlserver_runtime.ResNeStRuntime",
-        "parameters": {"uri": str(model.resolve())}, "max_batch_size": 8, "max_batch_time": 0.01,
-    }))  # fmt: skip
-    url = f"http://127.0.0.1:{http_port}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    log = open(folder / "mlserver.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(executable), "start", str(folder)], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"MLServer exited with {proc.returncode}:\n{(folder / 'mlserver.log').read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/models/{MODEL_NAME}/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError("MLServer not ready")
-            time.sleep(0.5)
-        yield url, f"127.0.0.1:{grpc_port}", proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def peer(executable: Path, model: Path, photos_dir: Path, folder: Path, concurrencies: list[int], duration: float,
-         warmup: float) -> list[dict[str, Any]]:  # fmt: skip
-    """MLServer over OIP gRPC, one JPEG per request, at every concurrency."""
+def peer(name: str, venvs: Path, model: Path, photos_dir: Path, folder: Path, concurrencies: list[int],
+         duration: float, warmup: float) -> list[dict[str, Any]]:  # fmt: skip
+    """One peer (bench/peers) on the same file, one JPEG per request, at every concurrency, in its own protocol."""
     rows = []
-    with mlserver(executable, model, folder) as (url, target, pid):
+    with serve(name, venvs, model, folder) as running:
         for c in concurrencies:
-            with Sampler(pid) as sampler:
-                row = point(url, photos_dir, "grpc", c, duration, warmup, target, classes=0)
-            row.update(sampler.summary(), server="mlserver")
+            with Sampler(running.pid) as sampler:
+                # classes 0 over gRPC: MLServer has no classification extension, its runtime answers the top 5.
+                classes = 0 if running.protocol == "grpc" else 5
+                row = point(running.url, photos_dir, running.protocol, c, duration, warmup, running.grpc_target,
+                            classes=classes)  # fmt: skip
+            row.update(sampler.summary(), server=name)
             rows.append(row)
-            _report(row, "mlserver grpc")
+            _report(row, f"{name} {running.protocol}")
     return rows
 
 
 def goals(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """The issue's goals, from the medians over rounds."""
-    table = result["summary"]
+    """The goals, from the medians over rounds: the multipart route against gRPC, the peers and the ceiling."""
+    table, protocols = result["summary"], result.get("protocols", list(PROTOCOLS))
     out = []
     low, peak = min(result["concurrency"]), max(result["concurrency"])
-    grpc_p50, multipart_p50 = table[("grpc", low)]["p50_ms"], table[("multipart", low)]["p50_ms"]
-    out.append((f"c={low}: gRPC p50 <= multipart p50", f"{grpc_p50:.1f} vs {multipart_p50:.1f} ms",
-                grpc_p50 <= multipart_p50))  # fmt: skip
-    rates = {p: table[(p, peak)]["images_per_s"] for p in PROTOCOLS}
-    best = max(rates.values())
-    for protocol, rate in rates.items():
-        out.append((f"c={peak}: {protocol} >= 0.9x the best protocol", f"{rate / best:.2f}x ({rate:.1f} img/s)",
-                    rate >= 0.9 * best))  # fmt: skip
+    rate = {key: v["images_per_s"] for key, v in table.items()}
+    if ("multipart", low) in table and ("grpc", low) in table:
+        ratio = rate[("multipart", low)] / rate[("grpc", low)]
+        out.append((f"c={low}: multipart >= 0.97x gRPC img/s", f"{ratio:.3f}x", ratio >= 0.97))
+    for name in result.get("peers", []):
+        if ("multipart", low) in table and (name, low) in table:
+            ours, theirs = rate[("multipart", low)], rate[(name, low)]
+            out.append((f"c={low}: multipart ahead of {name}", f"{ours:.1f} vs {theirs:.1f} img/s", ours > theirs))
+    if ("multipart", low) in table:
+        bound = result["ceiling"]["single_image_ms"] + result["preprocess"]["ms_per_image"]
+        p50 = table[("multipart", low)]["p50_ms"]
+        out.append((f"c={low}: multipart p50 <= 1.10x inference + preprocessing",
+                    f"{p50:.1f} / {bound:.1f} ms = {p50 / bound:.2f}x", p50 <= 1.10 * bound))  # fmt: skip
+    ceiling = result["ceiling"]["images_per_s"]
+    for protocol in protocols:
+        if (protocol, peak) in table:
+            r = rate[(protocol, peak)] / ceiling
+            out.append((f"c={peak}: {protocol} >= 0.95x the ceiling", f"{r:.2f}x", r >= 0.95))
     return out
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
     """Per (protocol or peer, concurrency): the median over rounds of img/s, p50 and p99."""
-    keys = sorted({(r["protocol"] if r["server"] == "ours" else "mlserver", r["concurrency"]) for r in rows})
+
+    def key_of(r: dict[str, Any]) -> tuple[str, int]:
+        return (r["protocol"] if r["server"] == "ours" else r["server"], r["concurrency"])
+
+    keys = sorted({key_of(r) for r in rows})
     table = {}
     for key in keys:
-        picked = [r for r in rows if (r["protocol"] if r["server"] == "ours" else "mlserver", r["concurrency"]) == key]
+        picked = [r for r in rows if key_of(r) == key]
         table[key] = {m: statistics.median(r[m] for r in picked) for m in ("images_per_s", "p50_ms", "p99_ms")}
         table[key]["errors"] = sum(r["errors"] for r in picked)
         table[key]["client_cpu_percent"] = statistics.median(r["client_cpu_percent"] for r in picked)
@@ -205,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0, help="measurement window per point (s)")
     parser.add_argument("--warmup", type=float, default=4.0, help="unmeasured ramp-up per point (s)")
     parser.add_argument("--ceiling-seconds", type=float, default=6.0)
-    parser.add_argument("--mlserver", type=Path, help="the `mlserver` executable of an MLServer 1.7.1 environment")
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
+    parser.add_argument("--peer", nargs="*", default=[], choices=PEERS, help="peers to measure between our rounds")
+    parser.add_argument("--peers", type=Path, default=ROOT / ".peers", help="their virtual environments (make peers)")
     parser.add_argument("--env", nargs="*", default=[], help="extra RESNEST_X=value settings for our server")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default="cpu")
@@ -225,17 +199,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {ceil['images_per_s']:.1f} img/s at batch {ceil['best_batch']}", file=sys.stderr, flush=True)
         rows: list[dict[str, Any]] = []
         for round_ in range(args.rounds):
-            order = list(PROTOCOLS[round_ % len(PROTOCOLS) :] + PROTOCOLS[: round_ % len(PROTOCOLS)])
+            shift = round_ % len(args.protocols)
+            order = args.protocols[shift:] + args.protocols[:shift]
             print(f"round {round_ + 1}: ours ({', '.join(order)}) ...", file=sys.stderr, flush=True)
             rows += ours(args.model, photos_dir, args.concurrency, order, args.duration, args.warmup, settings)
-            if args.mlserver:
-                print(f"round {round_ + 1}: MLServer ...", file=sys.stderr, flush=True)
-                rows += peer(args.mlserver, args.model, photos_dir, Path(tmp) / f"mlserver{round_}",
+            for name in args.peer:
+                print(f"round {round_ + 1}: {name} ...", file=sys.stderr, flush=True)
+                rows += peer(name, args.peers, args.model, photos_dir, Path(tmp) / f"{name}{round_}",
                              args.concurrency, args.duration, args.warmup)  # fmt: skip
         result: dict[str, Any] = {
             "variant": card.variant, "model": str(args.model), "machine": describe(), "settings": settings,
             "preprocess": preprocess_cost(photos, card), "ceiling": ceil, "concurrency": args.concurrency,
-            "rounds": args.rounds, "duration_s": args.duration, "rows": rows, "summary": summarise(rows),
+            "rounds": args.rounds, "duration_s": args.duration, "protocols": args.protocols, "peers": args.peer,
+            "rows": rows, "summary": summarise(rows),
         }  # fmt: skip
     write(result, args.out, args.tag)
     return 0

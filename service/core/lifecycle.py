@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from .limits import check_memory, check_spool, memory_limit_bytes, rss_bytes
 from .metrics import Metrics
@@ -13,13 +12,14 @@ from .repository.layout import RepositoryError, scan
 from .request.inference import InferenceModel, ModelLoadError
 from .settings import Settings
 from .state import ServiceState
+from .threads import named_pool
 
 log = logging.getLogger("service")
 
 
 def new_state(settings: Settings) -> ServiceState:
     """The state one server's fronts share: metrics, the decode pool, the registry, the upload budget."""
-    pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+    pool = named_pool(settings.decode_threads, "decode")
     return ServiceState(settings=settings, metrics=Metrics(), decode_pool=pool)
 
 

@@ -14,11 +14,12 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..threads import named_pool
 from .inference import InferenceModel, stack
 
 log = logging.getLogger("service.batcher")
@@ -107,7 +108,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._executor = named_pool(1, "inference")
         self._running_since: float | None = None
         self._call: Future[tuple[np.ndarray, np.ndarray]] | None = None  # the model call on the thread
         self._inflight: list[Ticket] = []  # tickets of the batch being run
