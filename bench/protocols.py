@@ -30,7 +30,7 @@ from modelcard import ModelCard
 
 from .machine import describe, summary
 from .peers import NAMES as PEERS
-from .peers import serve
+from .peers.launch import serve
 from .serving import BENCH_ENV, ROOT, Sampler, bench_photos, ceiling, free_port, preprocess_cost, server
 
 PROTOCOLS = ("multipart", "oip-json", "oip-binary", "grpc")

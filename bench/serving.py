@@ -113,19 +113,28 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(command: list[str], env: dict[str, str], url: str, cwd: Path = ROOT) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server process in `cwd` (whose packages it imports), wait until /readyz is 200, stop it afterwards."""
-    proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+def server(
+    command: list[str], env: dict[str, str], url: str, cwd: Path = ROOT, ready: str = "/readyz", log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server process in `cwd` (whose packages it imports), wait until GET `ready` is 200, stop it
+    afterwards. With `log`, its output goes there and a failure to start quotes the end of it."""
+    out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stdout=out,
+                            stderr=subprocess.STDOUT if log is not None else None)  # fmt: skip
+
+    def tail() -> str:
+        return f":\n{log.read_text(errors='replace')[-3000:]}" if log is not None else ""
+
     try:
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{command} exited with {proc.returncode}")
+                raise RuntimeError(f"{command} exited with {proc.returncode}{tail()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}{ready}", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{command} not ready")
+                raise TimeoutError(f"{command} not ready{tail()}")
             time.sleep(0.2)
         yield proc
     finally:
@@ -135,6 +144,8 @@ def server(command: list[str], env: dict[str, str], url: str, cwd: Path = ROOT) 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if log is not None:
+            out.close()  # type: ignore[union-attr]
 
 
 class Sampler:

@@ -1,4 +1,4 @@
-"""The LitServe peer for bench/peers.py: the same ONNX file served as LitServe's batching docs write an API (at
+"""The LitServe peer for bench/protocols.py: the same ONNX file served as LitServe's batching docs write an API (at
 most 8 requests, 10 ms batch timeout, one worker), decoding with this project's own preprocessing so both
 servers see the same tensors. Runs in LitServe's own environment with PYTHONPATH at this repository:
 
@@ -7,28 +7,20 @@ servers see the same tensors. Runs in LitServe's own environment with PYTHONPATH
 
 # No `from __future__ import annotations`: LitServe reads decode_request's annotation as an object to see that
 # it takes the raw Request (and so parses the multipart form).
-import os
 import sys
 from typing import Any
 
 import litserve as ls
-import numpy as np
-import onnxruntime as ort
 from fastapi import Request
 
-from imaging import preprocess
-from modelcard import ModelCard
-
-MAX_PIXELS = 40_000_000
-TOP = 5
+from bench.peers.model import PeerModel
 
 
 class ResNeStAPI(ls.LitAPI):
     """POST /classify with multipart `images` (one file per request): the top 5 classes, batched across requests."""
 
     def setup(self, device: str) -> None:
-        self.session = ort.InferenceSession(os.environ["RESNEST_PEER_MODEL"], providers=["CPUExecutionProvider"])
-        self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self.model = PeerModel()
 
     def decode_request(self, request: Request) -> bytes:
         return request["images"].file.read()
@@ -37,14 +29,7 @@ class ResNeStAPI(ls.LitAPI):
         return inputs
 
     def predict(self, blobs: list[bytes]) -> list[list[dict[str, Any]]]:
-        batch = np.stack([preprocess(b, self.card.preprocess, MAX_PIXELS) for b in blobs])
-        logits, _ = self.session.run(None, {"images": batch})
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-        best = np.argsort(-probabilities, axis=1)[:, :TOP]
-        labels = self.card.labels
-        return [[{"index": int(i), "label": labels[i], "score": float(row[i])} for i in order]
-                for row, order in zip(probabilities, best, strict=True)]  # fmt: skip
+        return self.model.predictions(blobs)
 
     def unbatch(self, output: list[Any]) -> list[Any]:
         return output

@@ -7,25 +7,18 @@ then run by ONNX Runtime. Runs inside MLServer's own environment (PYTHONPATH set
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse
 
-from imaging import preprocess
-from modelcard import ModelCard
-
-MAX_PIXELS = 40_000_000
-TOP = 5
+from bench.peers.model import PeerModel
 
 
 class ResNeStRuntime(MLModel):
     """BYTES `image_bytes` [N, 1] of encoded images in, the top 5 "score:index:label" strings out."""
 
     async def load(self) -> bool:
-        uri = self.settings.parameters.uri  # type: ignore[union-attr]
-        self.session = ort.InferenceSession(uri, providers=["CPUExecutionProvider"])
-        self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self.model = PeerModel(self.settings.parameters.uri)  # type: ignore[union-attr]
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
@@ -33,12 +26,6 @@ class ResNeStRuntime(MLModel):
         data = payload.inputs[0].data
         items = getattr(data, "root", data)
         blobs = [items] if isinstance(items, bytes | str) else list(items)
-        batch = np.stack([preprocess(bytes(b), self.card.preprocess, MAX_PIXELS) for b in blobs])
-        logits, _ = self.session.run(None, {"images": batch})
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-        best = np.argsort(-probabilities, axis=1)[:, :TOP]
-        labels = self.card.labels
-        rows = zip(probabilities, best, strict=True)
-        strings = np.array([[f"{row[i]:f}:{i}:{labels[i]}".encode() for i in order] for row, order in rows], object)
+        top = self.model.top([bytes(b) for b in blobs])
+        strings = np.array([[f"{score:f}:{i}:{label}".encode() for i, label, score in row] for row in top], object)
         return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("probabilities", strings)])
