@@ -100,8 +100,9 @@ def read_collapsed(path: Path) -> tuple[Counter[str], Counter[str]]:
         frames = [f for f in stack.split(";") if FRAME.match(f)]
         if not frames or not on_event_loop(frames):
             continue
-        counts[component(frames)] += int(n)
-        leaves[f"{component(frames)} <- {frames[-1]}"] += int(n)
+        owner = component(frames)
+        counts[owner] += int(n)
+        leaves[f"{owner} <- {frames[-1]}"] += int(n)
     return counts, leaves
 
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 _PR_SET_NAME = 15  # prctl(2); Linux keeps 15 bytes of the name
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if ctypes.util.find_library("c") else None
+# The process's own symbols (libc is loaded already): no library search, which would run ldconfig at start-up.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _name_os_thread() -> None:
     """Give the calling thread's OS name its Python name (Python leaves it as the process's before 3.14)."""
-    if _libc is not None and hasattr(_libc, "prctl"):
+    if hasattr(_libc, "prctl"):  # Linux only
         _libc.prctl(_PR_SET_NAME, threading.current_thread().name.encode()[:15], 0, 0, 0)
 
 
