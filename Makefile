@@ -10,7 +10,7 @@ CHECKPOINT ?=
 SHA256 ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install model lb browser lint bench bench-protocols peers proto clean
+.PHONY: serve test install model lb browser redis lint bench bench-protocols peers proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,16 @@ browser:
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	@chromedriver --version | head -1
 
-test: install lb browser
+# The shared response cache's tests (tests/test_cache.py) start Debian's redis-server themselves, as a replica
+# set's Redis would run beside them.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@redis-server --version | head -1
+
+test: install lb browser redis
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -9,6 +9,13 @@ machine in the same hour: each round serves the before checkout and then this on
 round, so drift favours neither), every protocol at every concurrency from a load-generator process of its own
 (bench/protocols.py's points). The verdict is the median over rounds of after / before per point, beside the
 spread of before against itself across rounds: a ratio inside that spread is noise.
+
+A setting's cost is measured the same way on one checkout: sides that differ only in their settings, e.g.
+tracing off against on (an OTLP receiver of bench/otlp.py started for the run, its address in `{otlp}`):
+
+    python -m bench.ab --after-env 'RESNEST_OTEL_ENDPOINT={otlp}' --label tracing --concurrency 16
+    python -m bench.ab --before-env RESNEST_CACHE_BYTES=0 --after-env RESNEST_CACHE_BYTES=268435456 \
+        --loadgen --repeat 0.5 --label cache     # half the requests repeat an image
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .machine import describe, summary
+from .otlp import Receiver, receiver
 from .protocols import ours
 from .serving import BENCH_ENV, ROOT, bench_photos
 
@@ -63,7 +71,17 @@ def write(result: dict[str, Any], out: Path, tag: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"ab-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# Before and after: {result['before_commit']} -> {result['after_commit']}",
+        f"# Before and after: {result['before_commit']} -> {result['after_commit']}"
+        + (f" ({result['label']})" if result.get("label") else ""),
+        *(
+            [
+                "",
+                f"Settings: before {result['before_env']}, after {result['after_env']}; load generator options "
+                f"{result.get('loadgen') or 'none'}.",
+            ]
+            if result.get("label")
+            else []
+        ),
         "",
         summary(result["machine"]) + f"; ISA flags: {', '.join(result['machine'].get('cpu_flags', []))}",
         "",
@@ -89,6 +107,11 @@ def write(result: dict[str, Any], out: Path, tag: str) -> None:
     print("\n".join(lines))
 
 
+def _settings(pairs: list[str], sink: Receiver) -> dict[str, str]:
+    """KEY=value pairs as settings, `{otlp}` standing for the run's OTLP receiver."""
+    return dict(pair.replace("{otlp}", sink.endpoint).split("=", 1) for pair in pairs)
+
+
 def _commit(checkout: Path) -> str:
     """The checkout's commit, short, with '+' when its tree has changes."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True)
@@ -106,7 +129,11 @@ def rewrite(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", type=Path, help="a checkout (git worktree) of the commit before")
+    parser.add_argument("--before", type=Path, help="a checkout (git worktree) of the commit before (default: this)")
+    parser.add_argument("--before-env", nargs="*", default=[], help="RESNEST_X=value settings of the before side")
+    parser.add_argument("--after-env", nargs="*", default=[], help="RESNEST_X=value settings of the after side")
+    parser.add_argument("--loadgen", nargs=argparse.REMAINDER, default=[], help="options for bench/loadgen.py")
+    parser.add_argument("--label", default="", help="what differs, for the table's title")
     parser.add_argument("--rewrite", type=Path, help="recompute an earlier run's comparison from its JSON, run nothing")
     parser.add_argument("--model", type=Path, default=Path("artifacts/resnest50-fp32.onnx"))
     parser.add_argument("--protocols", nargs="+", default=["multipart", "grpc"])
@@ -120,26 +147,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.rewrite:
         rewrite(args.rewrite)
         return 0
-    if args.before is None:
-        parser.error("--before is required")
+    if args.before is None and not (args.before_env or args.after_env):
+        parser.error("--before, or settings that differ (--before-env / --after-env), is required")
 
     model = args.model.resolve()
-    sides = {"before": args.before.resolve(), "after": ROOT}
+    sides = {"before": (args.before or ROOT).resolve(), "after": ROOT}
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, receiver("http") as sink:
         photos_dir = Path(tmp) / "photos"
         bench_photos(photos_dir)
         for round_ in range(args.rounds):
             order = ["before", "after"] if round_ % 2 == 0 else ["after", "before"]
             for name in order:
                 print(f"round {round_ + 1}: {name} ...", file=sys.stderr, flush=True)
+                env = {**BENCH_ENV, **_settings(args.before_env if name == "before" else args.after_env, sink)}
                 for row in ours(model, photos_dir, args.concurrency, args.protocols, args.duration, args.warmup,
-                                BENCH_ENV, checkout=sides[name]):  # fmt: skip
+                                env, checkout=sides[name], extra=args.loadgen):  # fmt: skip
                     rows.append({**row, "side": name, "round": round_})
     result = {
         "before_commit": _commit(sides["before"]), "after_commit": _commit(sides["after"]), "model": str(args.model),
         "machine": describe(), "settings": BENCH_ENV, "rounds": args.rounds, "duration_s": args.duration,
-        "comparison": compare(rows), "rows": rows,
+        "comparison": compare(rows), "rows": rows, "label": args.label, "loadgen": args.loadgen,
+        "before_env": args.before_env, "after_env": args.after_env, "spans_received": len(sink.spans),
     }  # fmt: skip
     write(result, args.out, args.tag)
     return 0

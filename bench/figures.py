@@ -582,6 +582,98 @@ def render_hostile(result: Json) -> str:
     return "\n".join(lines)
 
 
+# --- protocols against peers (the multipart-overhead goals) --------------------------------------------------
+PEER_LABELS = {
+    "multipart": "ours, multipart `/classify`",
+    "grpc": "ours, OIP gRPC",
+    "bentoml": "BentoML 1.4.40, multipart",
+    "litserve": "LitServe 0.2.19, multipart",
+    "mlserver": "MLServer 1.7.1, OIP gRPC",
+}
+
+
+def render_peers(result: Json) -> str:
+    """protocols-peers-*: our multipart and gRPC routes beside the three peers, each round against its ceiling."""
+    from .protocols import goals
+
+    summary = {(r["protocol"], r["concurrency"]): r for r in result["summary"]}
+    low, high = min(result["concurrency"]), max(result["concurrency"])
+    rows = []
+    for key, label in PEER_LABELS.items():
+        if (key, low) not in summary or (key, high) not in summary:
+            continue
+        a, b = summary[(key, low)], summary[(key, high)]
+        rows.append([label, f"{a['images_per_s']:.1f}", f"{a['p50_ms']:.1f}", f"{b['images_per_s']:.1f}",
+                     f"{b.get('x_ceiling', 0.0):.2f}", f"{b['p50_ms']:.0f}", f"{b['p99_ms']:.0f}",
+                     str(a["errors"] + b["errors"])])  # fmt: skip
+    clients = f"{low} client{'s' if low > 1 else ''}"
+    header = ["server / route", f"{clients}: img/s", "p50 ms", f"{high} clients: img/s", "x ceiling", "p50 ms",
+              "p99 ms", "errors"]  # fmt: skip
+    ceilings = ", ".join(f"{c['images_per_s']:.1f}" for c in result["ceilings"])
+    measured = goals({**result, "summary": summary})
+    lines = [
+        machine_line(result),
+        "",
+        f"`{Path(result['model']).name}`; the raw session's ceiling, measured at the start of each round: {ceilings} "
+        f"img/s; single image {result['ceiling']['single_image_ms']:.1f} ms, preprocessing "
+        f"{result['preprocess']['ms_per_image']:.2f} ms per image (medians). {result['rounds']} rounds of "
+        f"{result['duration_s']:.0f} s windows, the peers between our rounds; medians over rounds, `x ceiling` "
+        "each round against its own ceiling:",
+        "",
+        *table(header, rows),
+        "",
+        "Goals (each a ratio taken within a round; median, and the rounds' spread):",
+        "",
+        *table(["goal", "measured", "met"], [[g, m, verdict(ok)] for g, m, ok in measured]),
+    ]
+    return "\n".join(lines)
+
+
+# --- a setting's cost: tracing on against off, the response cache --------------------------------------------
+def render_ab(result: Json) -> str:
+    """ab-*: the same checkout with two settings, in alternating turns; the ratio within each round."""
+    rows = []
+    for p in result["comparison"]:
+        rate, p50 = p["images_per_s"], p["p50_ms"]
+        rows.append([PROTOCOL_LABELS.get(p["protocol"], p["protocol"]), str(p["concurrency"]),
+                     f"{rate['before']:.1f}", f"{rate['after']:.1f}", f"{rate['ratio']:.3f}",
+                     f"{rate['before_spread']:.3f}", f"{p50['before']:.1f}", f"{p50['after']:.1f}",
+                     f"{p50['ratio']:.3f}", f"{p['errors']['before']} / {p['errors']['after']}"])  # fmt: skip
+    before, after = result["before_env"] or ["defaults"], result["after_env"] or ["defaults"]
+    loadgen = " ".join(result.get("loadgen") or []) or "none"
+    lines = [
+        machine_line(result),
+        "",
+        f"`{Path(result['model']).name}`; before: {', '.join(f'`{e}`' for e in before)}; after: "
+        f"{', '.join(f'`{e}`' for e in after)}; load generator options: `{loadgen}`. {result['rounds']} rounds "
+        f"of {result['duration_s']:.0f} s windows, the sides alternating (order flipped every round); the ratio is "
+        "the median of after / before within each round, `spread` the before side's own max / min across rounds"
+        + (
+            f"; {result['spans_received']:,} spans received by the OTLP receiver"
+            if result.get("spans_received")
+            else ""
+        )
+        + ":",
+        "",
+        *table(
+            [
+                "route",
+                "clients",
+                "img/s before",
+                "img/s after",
+                "after / before",
+                "spread",
+                "p50 ms before",
+                "p50 ms after",
+                "after / before",
+                "errors",
+            ],
+            rows,
+        ),
+    ]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[Json], str]] = {
     "model-cpu": render_model,
     "serving-cpu": render_serving,
@@ -592,6 +684,9 @@ RENDERERS: dict[str, Callable[[Json], str]] = {
     "model-uint8-cpu": render_uint8,
     "protocols-cpu": render_protocols,
     "hostile-cpu": render_hostile,
+    "protocols-peers-cpu": render_peers,
+    "ab-tracing-cpu": render_ab,
+    "ab-cache-cpu": render_ab,
 }
 
 

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import base64
 import json
+import random
 import struct
 import time
 from collections import Counter
@@ -61,12 +62,17 @@ def _oip_body(blobs: list[bytes], binary: bool, classes: int) -> tuple[bytes, di
 
 def _sender(
     protocol: str, http: httpx.AsyncClient, grpc_client: Any, route: str, model: str, images: int,
-    photos: list[bytes], classes: int,
+    photos: list[bytes], classes: int, repeat: float = 1.0,
 ) -> Send:  # fmt: skip
-    """One protocol's request: the same images and the same answer (the top `classes`) whichever it is."""
+    """One protocol's request: the same images and the same answer (the top `classes`) whichever it is.
+    `repeat` < 1: that share of requests sends the photographs as they are (which a response cache has seen
+    after their first use), the rest a copy made unique by bytes after the JPEG's end (decoded alike)."""
 
     def blobs(i: int) -> list[bytes]:
-        return [photos[(i + j) % len(photos)] for j in range(images)]
+        chosen = [photos[(i + j) % len(photos)] for j in range(images)]
+        if repeat < 1.0 and random.Random(i).random() >= repeat:
+            chosen = [b + f"unique {i} {j}".encode() for j, b in enumerate(chosen)]
+        return chosen
 
     if protocol == "multipart":
 
@@ -106,7 +112,7 @@ def _sender(
 
 async def drive(
     url: str, route: str, concurrency: int, images: int, photos: list[bytes], duration: float, warmup: float,
-    protocol: str = "multipart", model: str = "", grpc_target: str = "", classes: int = 5,
+    protocol: str = "multipart", model: str = "", grpc_target: str = "", classes: int = 5, repeat: float = 1.0,
 ) -> dict[str, Any]:  # fmt: skip
     """Run the closed loop and measure one stable window.
 
@@ -153,7 +159,7 @@ async def drive(
         grpc_client = tga.InferenceServerClient(grpc_target)
     try:
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-            send = _sender(protocol, http, grpc_client, route, model, images, photos, classes)
+            send = _sender(protocol, http, grpc_client, route, model, images, photos, classes, repeat)
             await asyncio.gather(*(client(w, send) for w in range(concurrency)))
     finally:
         if grpc_client is not None:
@@ -189,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="", help="model name, for the OIP protocols")
     parser.add_argument("--grpc-target", default="", help="host:port of the gRPC endpoint, for --protocol grpc")
     parser.add_argument("--classes", type=int, default=5, help="top classes asked for (0: the server's outputs)")
+    parser.add_argument("--repeat", type=float, default=1.0, help="share of requests repeating an earlier image")
     args = parser.parse_args(argv)
     photos = [p.read_bytes() for p in sorted(args.photos.glob("*.jpg"))]
     t0, cpu0 = time.perf_counter(), time.process_time()
     run = drive(
         args.url, args.route, args.concurrency, args.images, photos, args.duration, args.warmup,
-        args.protocol, args.model, args.grpc_target, args.classes,
+        args.protocol, args.model, args.grpc_target, args.classes, args.repeat,
     )  # fmt: skip
     result = asyncio.run(run)
     result["wall_s"] = time.perf_counter() - t0

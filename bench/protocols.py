@@ -9,8 +9,10 @@ gRPC (tritonclient.grpc.aio, one channel). Each point is a closed loop from its 
 (bench/loadgen.py); the order of protocols rotates every round so drift on a shared machine does not favour
 one. Each --peer (bench/peers: its own virtual environment, adaptive batching of at most 8 images as its
 documentation configures it, decoding inside the batch) is measured between our rounds in its own protocol.
-Results: JSON and markdown under bench/results/, with the machine; the raw session's ceiling is measured in
-the same run.
+Results: JSON and markdown under bench/results/, with the machine. The raw session's ceiling and the cost of
+preprocessing are measured again at the start of every round, and each round's figures are read against its
+own ceiling: on a shared machine the speed of the hardware drifts within a run, and a ceiling measured once
+would credit or blame the servers of later rounds for it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +41,13 @@ MODEL_NAME = "resnest"
 
 
 def point(url: str, photos_dir: Path, protocol: str, concurrency: int, duration: float, warmup: float,
-          grpc_target: str = "", classes: int = 5, model: str = MODEL_NAME) -> dict[str, Any]:  # fmt: skip
-    """One closed-loop measurement from a load-generator process of its own."""
+          grpc_target: str = "", classes: int = 5, model: str = MODEL_NAME, extra: Sequence[str] = ()
+          ) -> dict[str, Any]:  # fmt: skip
+    """One closed-loop measurement from a load-generator process of its own (`extra`: more of its options)."""
     command = [
         sys.executable, "-m", "bench.loadgen", "--url", url, "--concurrency", str(concurrency), "--images", "1",
         "--duration", str(duration), "--warmup", str(warmup), "--photos", str(photos_dir), "--protocol", protocol,
-        "--model", model, "--grpc-target", grpc_target, "--classes", str(classes),
+        "--model", model, "--grpc-target", grpc_target, "--classes", str(classes), *extra,
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -59,8 +63,10 @@ def _report(row: dict[str, Any], label: str) -> None:
 
 
 def ours(model: Path, photos_dir: Path, concurrencies: list[int], order: list[str], duration: float,
-         warmup: float, settings: dict[str, str], checkout: Path = ROOT) -> list[dict[str, Any]]:  # fmt: skip
-    """This service (as `checkout` holds it), both fronts up, every protocol at every concurrency, in `order`."""
+         warmup: float, settings: dict[str, str], checkout: Path = ROOT, extra: Sequence[str] = ()
+         ) -> list[dict[str, Any]]:  # fmt: skip
+    """This service (as `checkout` holds it), both fronts up, every protocol at every concurrency, in `order`
+    (`extra`: more options for the load generator)."""
     port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**settings, "RESNEST_MODEL_PATH": str(model), "RESNEST_DEFAULT_MODEL": MODEL_NAME,
@@ -70,7 +76,8 @@ def ours(model: Path, photos_dir: Path, concurrencies: list[int], order: list[st
         for c in concurrencies:
             for protocol in order:
                 with Sampler(proc.pid) as sampler:
-                    row = point(url, photos_dir, protocol, c, duration, warmup, f"127.0.0.1:{grpc_port}")
+                    row = point(url, photos_dir, protocol, c, duration, warmup, f"127.0.0.1:{grpc_port}",
+                                extra=extra)  # fmt: skip
                 row.update(sampler.summary(), server="ours")
                 rows.append(row)
                 _report(row, protocol)
@@ -94,29 +101,62 @@ def peer(name: str, venvs: Path, model: Path, photos_dir: Path, folder: Path, co
     return rows
 
 
+def _key(row: dict[str, Any]) -> str:
+    return row["protocol"] if row["server"] == "ours" else row["server"]
+
+
+def per_round(result: dict[str, Any], key: str, c: int, value: Any) -> list[float]:
+    """value(row, round's ceiling, round's preprocessing) for the rows of (key, c), one per round."""
+    out = []
+    for row in result["rows"]:
+        if _key(row) == key and row["concurrency"] == c:
+            r = row.get("round", 0)
+            ceilings, pre = (
+                result.get("ceilings") or [result["ceiling"]],
+                result.get("preprocesses") or [result["preprocess"]],
+            )
+            out.append(value(row, ceilings[min(r, len(ceilings) - 1)], pre[min(r, len(pre) - 1)]))
+    return out
+
+
+def _ratio_by_round(result: dict[str, Any], a: str, b: str, c: int) -> list[float]:
+    """a's img/s over b's, round by round (both measured in the same round)."""
+    rates: dict[str, dict[int, float]] = {a: {}, b: {}}
+    for row in result["rows"]:
+        if _key(row) in rates and row["concurrency"] == c:
+            rates[_key(row)][row.get("round", 0)] = row["images_per_s"]
+    return [rates[a][r] / rates[b][r] for r in sorted(rates[a]) if r in rates[b]]
+
+
+def _spread(values: list[float], digits: int = 2) -> str:
+    return f"{statistics.median(values):.{digits}f}x (rounds {min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def goals(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """The goals, from the medians over rounds: the multipart route against gRPC, the peers and the ceiling."""
+    """The goals, each the median over rounds of a ratio taken within a round (its spread beside it): the
+    multipart route against gRPC and the peers, its p50 and every protocol's peak against the round's ceiling."""
     table, protocols = result["summary"], result.get("protocols", list(PROTOCOLS))
     out = []
     low, peak = min(result["concurrency"]), max(result["concurrency"])
-    rate = {key: v["images_per_s"] for key, v in table.items()}
     if ("multipart", low) in table and ("grpc", low) in table:
-        ratio = rate[("multipart", low)] / rate[("grpc", low)]
-        out.append((f"c={low}: multipart >= 0.97x gRPC img/s", f"{ratio:.3f}x", ratio >= 0.97))
+        ratios = _ratio_by_round(result, "multipart", "grpc", low)
+        out.append((f"c={low}: multipart >= 0.97x gRPC img/s", _spread(ratios, 3), statistics.median(ratios) >= 0.97))
     for name in result.get("peers", []):
         if ("multipart", low) in table and (name, low) in table:
-            ours, theirs = rate[("multipart", low)], rate[(name, low)]
-            out.append((f"c={low}: multipart ahead of {name}", f"{ours:.1f} vs {theirs:.1f} img/s", ours > theirs))
+            ratios = _ratio_by_round(result, "multipart", name, low)
+            out.append((f"c={low}: multipart ahead of {name}", _spread(ratios, 3), statistics.median(ratios) > 1.0))
     if ("multipart", low) in table:
-        bound = result["ceiling"]["single_image_ms"] + result["preprocess"]["ms_per_image"]
-        p50 = table[("multipart", low)]["p50_ms"]
-        out.append((f"c={low}: multipart p50 <= 1.10x inference + preprocessing",
-                    f"{p50:.1f} / {bound:.1f} ms = {p50 / bound:.2f}x", p50 <= 1.10 * bound))  # fmt: skip
-    ceiling = result["ceiling"]["images_per_s"]
+
+        def over_bound(row: dict[str, Any], ceil: dict[str, Any], pre: dict[str, Any]) -> float:
+            return float(row["p50_ms"] / (ceil["single_image_ms"] + pre["ms_per_image"]))
+
+        bound = per_round(result, "multipart", low, over_bound)
+        out.append((f"c={low}: multipart p50 <= 1.10x inference + preprocessing", _spread(bound),
+                    statistics.median(bound) <= 1.10))  # fmt: skip
     for protocol in protocols:
         if (protocol, peak) in table:
-            r = rate[(protocol, peak)] / ceiling
-            out.append((f"c={peak}: {protocol} >= 0.95x the ceiling", f"{r:.2f}x", r >= 0.95))
+            share = per_round(result, protocol, peak, lambda row, ceil, pre: row["images_per_s"] / ceil["images_per_s"])
+            out.append((f"c={peak}: {protocol} >= 0.95x the ceiling", _spread(share), statistics.median(share) >= 0.95))
     return out
 
 
@@ -127,6 +167,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, flo
         return (r["protocol"] if r["server"] == "ours" else r["server"], r["concurrency"])
 
     keys = sorted({key_of(r) for r in rows})
+    ceilings = {r.get("round", 0): r.get("ceiling_images_per_s") for r in rows}
     table = {}
     for key in keys:
         picked = [r for r in rows if key_of(r) == key]
@@ -134,6 +175,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, flo
         table[key]["errors"] = sum(r["errors"] for r in picked)
         table[key]["client_cpu_percent"] = statistics.median(r["client_cpu_percent"] for r in picked)
         table[key]["server_cpu_percent"] = statistics.median(r["server_cpu_percent"] for r in picked)
+        if all(ceilings.get(r.get("round", 0)) for r in picked):  # each row against its own round's ceiling
+            table[key]["x_ceiling"] = statistics.median(
+                r["images_per_s"] / ceilings[r.get("round", 0)] for r in picked
+            )  # fmt: skip
     return table
 
 
@@ -149,17 +194,20 @@ def write(result: dict[str, Any], out: Path, tag: str) -> None:
         "",
         summary(result["machine"]),
         "",
-        f"Raw session ceiling (same run): {ceil['images_per_s']:.1f} img/s at batch {ceil['best_batch']}, "
-        f"{ceil['single_image_ms']:.1f} ms at batch 1; preprocessing {result['preprocess']['ms_per_image']:.2f} ms "
-        f"per image. Medians over {result['rounds']} rounds ({result['duration_s']:.0f} s windows), protocols in "
-        "rotating order.",
+        f"Raw session ceiling (median of the rounds' own): {ceil['images_per_s']:.1f} img/s at batch "
+        f"{ceil['best_batch']}, {ceil['single_image_ms']:.1f} ms at batch 1 (each round: "
+        + ", ".join(f"{c['images_per_s']:.1f}" for c in result.get("ceilings", [ceil]))
+        + f" img/s); preprocessing {result['preprocess']['ms_per_image']:.2f} ms per image. Medians over "
+        f"{result['rounds']} rounds ({result['duration_s']:.0f} s windows), protocols in rotating order, peers "
+        "between our rounds; `x ceiling` and the goals take each round against its own ceiling.",
         "",
         "| server / protocol | clients | img/s | x ceiling | p50 ms | p99 ms | errors | server CPU % | client CPU % |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for (protocol, c), v in table.items():
         lines.append(
-            f"| {protocol} | {c} | {v['images_per_s']:.1f} | {v['images_per_s'] / ceil['images_per_s']:.2f} | "
+            f"| {protocol} | {c} | {v['images_per_s']:.1f} | "
+            f"{v.get('x_ceiling', v['images_per_s'] / ceil['images_per_s']):.2f} | "
             f"{v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['errors']} | {v['server_cpu_percent']:.0f} | "
             f"{v['client_cpu_percent']:.0f} |"
         )
@@ -194,11 +242,15 @@ def main(argv: list[str] | None = None) -> int:
             .get_modelmeta()
             .custom_metadata_map
         )
-        print("ceiling ...", file=sys.stderr, flush=True)
-        ceil = ceiling(args.model, photos, [1, 8], args.ceiling_seconds)
-        print(f"  {ceil['images_per_s']:.1f} img/s at batch {ceil['best_batch']}", file=sys.stderr, flush=True)
         rows: list[dict[str, Any]] = []
+        ceilings, preprocesses = [], []
         for round_ in range(args.rounds):
+            print(f"round {round_ + 1}: ceiling ...", file=sys.stderr, flush=True)
+            ceilings.append(ceiling(args.model, photos, [1, 8], args.ceiling_seconds))
+            preprocesses.append(preprocess_cost(photos, card))
+            print(f"  {ceilings[-1]['images_per_s']:.1f} img/s at batch {ceilings[-1]['best_batch']}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            first = len(rows)
             shift = round_ % len(args.protocols)
             order = args.protocols[shift:] + args.protocols[:shift]
             print(f"round {round_ + 1}: ours ({', '.join(order)}) ...", file=sys.stderr, flush=True)
@@ -207,9 +259,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_ + 1}: {name} ...", file=sys.stderr, flush=True)
                 rows += peer(name, args.peers, args.model, photos_dir, Path(tmp) / f"{name}{round_}",
                              args.concurrency, args.duration, args.warmup)  # fmt: skip
+            for row in rows[first:]:
+                row.update(round=round_, ceiling_images_per_s=ceilings[-1]["images_per_s"])
+        best = max(ceilings[0]["images_per_s_by_batch"], key=lambda b: statistics.median(
+            c["images_per_s_by_batch"][b] for c in ceilings))  # fmt: skip
+        ceil = {
+            "providers": ceilings[0]["providers"], "best_batch": best,
+            "images_per_s": statistics.median(c["images_per_s"] for c in ceilings),
+            "single_image_ms": statistics.median(c["single_image_ms"] for c in ceilings),
+        }  # fmt: skip
+        preprocess = {"ms_per_image": statistics.median(p["ms_per_image"] for p in preprocesses)}
         result: dict[str, Any] = {
             "variant": card.variant, "model": str(args.model), "machine": describe(), "settings": settings,
-            "preprocess": preprocess_cost(photos, card), "ceiling": ceil, "concurrency": args.concurrency,
+            "preprocess": preprocess, "ceiling": ceil, "ceilings": ceilings, "preprocesses": preprocesses,
+            "concurrency": args.concurrency,
             "rounds": args.rounds, "duration_s": args.duration, "protocols": args.protocols, "peers": args.peer,
             "rows": rows, "summary": summarise(rows),
         }  # fmt: skip

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -119,8 +120,10 @@ def server(
     """Start a server process in `cwd` (whose packages it imports), wait until GET `ready` is 200, stop it
     afterwards. With `log`, its output goes there and a failure to start quotes the end of it."""
     out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    # A session of its own: the server's whole process group (LitServe's and MLServer's workers too) is
+    # stopped with it, and none is left running to skew the next measurement.
     proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stdout=out,
-                            stderr=subprocess.STDOUT if log is not None else None)  # fmt: skip
+                            stderr=subprocess.STDOUT if log is not None else None, start_new_session=True)  # fmt: skip
 
     def tail() -> str:
         return f":\n{log.read_text(errors='replace')[-3000:]}" if log is not None else ""
@@ -138,31 +141,48 @@ def server(
             time.sleep(0.2)
         yield proc
     finally:
-        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group outlived its leader
         if log is not None:
             out.close()  # type: ignore[union-attr]
 
 
 class Sampler:
-    """Samples a process's CPU% and RSS in the background."""
+    """Samples the CPU% and RSS of a process and its children (a peer's worker processes) in the background."""
 
     def __init__(self, pid: int, every: float = 0.5) -> None:
         self.proc = psutil.Process(pid)
         self.every, self.cpu, self.rss = every, [], []  # type: ignore[var-annotated]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._tree: dict[int, psutil.Process] = {}
+
+    def _processes(self) -> list[psutil.Process]:
+        """The process and its children, the same objects each time (cpu_percent measures since the last call)."""
+        with contextlib.suppress(psutil.Error):
+            for child in [self.proc, *self.proc.children(recursive=True)]:
+                self._tree.setdefault(child.pid, child)
+        return list(self._tree.values())
 
     def _run(self) -> None:
-        self.proc.cpu_percent()
-        while not self._stop.wait(self.every):
+        for proc in self._processes():
             with contextlib.suppress(psutil.Error):
-                self.cpu.append(self.proc.cpu_percent())
-                self.rss.append(self.proc.memory_info().rss)
+                proc.cpu_percent()
+        while not self._stop.wait(self.every):
+            cpu, rss = 0.0, 0
+            for proc in self._processes():
+                with contextlib.suppress(psutil.Error):
+                    cpu += proc.cpu_percent()
+                    rss += proc.memory_info().rss
+            self.cpu.append(cpu)
+            self.rss.append(rss)
 
     def __enter__(self) -> Sampler:
         self._thread.start()

@@ -62,4 +62,7 @@ async def stop(state: ServiceState) -> None:
     if not await state.registry.stop_all(timeout=left - 0.1):
         state.shutdown_timed_out = True
     state.decode_pool.shutdown(wait=False, cancel_futures=True)
+    if state.cache is not None:
+        await state.cache.close()
+    state.tracing.shutdown()  # the last spans go out before the process does
     log.info("stopped")

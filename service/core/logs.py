@@ -12,7 +12,8 @@ import sys
 import time
 import traceback
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any, Literal, TextIO
 
 import orjson
@@ -25,6 +26,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WELL_FORMED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 # Attributes every LogRecord has; anything else on a record came in through `extra=` and is a field.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# AccessRecord's attributes that are not logged: a clock reading and the open span.
+_UNLOGGED = frozenset({"started", "span"})
 # uvicorn's own extras: the same message with ANSI colours, which a pipeline has no use for.
 _DROPPED_EXTRAS = frozenset({"color_message"})
 
@@ -81,8 +84,10 @@ def access_line(fields: dict[str, Any]) -> str:
         ("queue_ms", "queue", "ms"),
         ("inference_ms", "inference", "ms"),
         ("model", "model", ""),
+        ("cache", "cache", ""),
         ("client", "client", ""),
         ("request_id", "id", ""),
+        ("trace_id", "trace", ""),
     ):
         value = fields.get(key)
         if value is None or (key == "bytes_received" and not value) or (key == "model" and not uploads):
@@ -154,6 +159,10 @@ class AccessRecord:
     preprocess_ms: float | None = None
     queue_ms: float | None = None
     inference_ms: float | None = None
+    cache: str | None = None  # "hit" (every image answered from the response cache), "miss", None: no cache
+    trace_id: str | None = None  # the request's trace when tracing is on: logs and traces join on it
+    # The request's open server span (service/core/tracing.py); not a field of the logged record.
+    span: Any = field(default=None, repr=False, compare=False)
 
     def elapsed(self) -> float:
         """Seconds since the request arrived."""
@@ -161,8 +170,8 @@ class AccessRecord:
 
     def emit(self, quiet: bool = False) -> None:
         """Log the record, at debug when `quiet` (a probe's success) and at info otherwise."""
-        fields = asdict(self)
-        del fields["started"]
+        # Not asdict: it would deep-copy the span.
+        fields = {f.name: getattr(self, f.name) for f in dataclass_fields(self) if f.name not in _UNLOGGED}
         client = fields.pop("client")
         # The order of the lines this record always wrote: who and what, the outcome, then the model's part.
         ordered = {k: fields.pop(k) for k in ("request_id", "method", "path", "route", "status")}

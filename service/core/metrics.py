@@ -64,6 +64,19 @@ class Metrics:
             registry=r,
         )
 
+        # The response cache (service/core/cache.py), per image: Triton's cache counters under this prefix.
+        self.cache_hits = Counter(
+            "resnest_cache_hits", "images answered from the response cache", ["model"], registry=r
+        )
+        self.cache_misses = Counter(
+            "resnest_cache_misses", "images looked up in the response cache and not found", ["model"], registry=r
+        )
+        self.cache_errors = Counter(
+            "resnest_cache_errors", "lookups or stores the shared cache failed or timed out on (the model answered)",
+            registry=r,
+        )  # fmt: skip
+        self.cache_bytes = Gauge("resnest_cache_bytes", "bytes held by the in-process response cache", registry=r)
+
     def observer(self, model: str, version: str) -> BatchObserver:
         """Callbacks that feed one model version's batcher figures into these metrics."""
 

@@ -167,6 +167,23 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="text: lines for people; json: one JSON object per line (log pipelines)"
     )
+    otel_endpoint: str | None = Field(
+        None,
+        description="send OpenTelemetry traces over OTLP to this collector (http://host:4318, or host:4317 with "
+        "OTEL_EXPORTER_OTLP_PROTOCOL=grpc); unset: tracing off. OTEL_* variables are honoured",
+    )
+    cache_bytes: int = Field(
+        0, ge=0, description="an in-process response cache of at most this many bytes of model outputs (0: off)"
+    )
+    cache_url: str | None = Field(
+        None,
+        pattern=r"^rediss?://",
+        description="a response cache in Redis, shared by every replica (redis://host:6379/0); wins over cache_bytes",
+    )
+    cache_ttl_s: int = Field(86400, ge=1, description="how long Redis keeps a cached answer")
+    cache_timeout_ms: float = Field(
+        50.0, gt=0, description="longest wait for Redis per lookup or store; past it, the model answers"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -230,10 +247,11 @@ class Settings(BaseSettings):
 
     def request_memory_bytes(self) -> int:
         """Worst-case host memory of the request path apart from the models' queues: decodes in progress, the
-        uploads' in-memory parts and the gRPC messages being read."""
+        uploads' in-memory parts, the gRPC messages being read and the in-process response cache."""
         decoding = self.decode_threads * self.max_image_pixels * DECODE_BYTES_PER_PIXEL
         uploads = min(self.max_buffered_upload_bytes, self.max_concurrent_requests * UPLOAD_PART_IN_MEMORY_BYTES)
-        return decoding + uploads + self.grpc_reads() * self.max_upload_bytes
+        cache = self.cache_bytes if self.cache_url is None else 0
+        return decoding + uploads + self.grpc_reads() * self.max_upload_bytes + cache
 
     def host_memory_bytes(self, input_size: int, versions: int = 1) -> int:
         """Worst-case host memory the request path can hold at once, besides the models' own, for `versions`

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .cache import ResponseCache
 from .errors import ServiceError
 from .metrics import Metrics
 from .repository.registry import Registry, ServedModel
@@ -12,6 +13,7 @@ from .request.admission import UploadBudget
 from .request.batching import Batcher
 from .request.inference import InferenceModel
 from .settings import Settings
+from .tracing import Tracing
 
 
 @dataclass
@@ -22,6 +24,8 @@ class ServiceState:
     metrics: Metrics
     decode_pool: ThreadPoolExecutor
     registry: Registry = field(init=False)
+    tracing: Tracing = field(init=False)  # off (every hook a no-op) unless RESNEST_OTEL_ENDPOINT is set
+    cache: ResponseCache | None = field(init=False)  # None unless RESNEST_CACHE_BYTES or RESNEST_CACHE_URL
     uploads: UploadBudget = field(init=False)  # every protocol's uploads in progress, against one budget
     started: bool = False  # every configured model loaded and warmed at start-up
     draining: bool = False
@@ -29,7 +33,9 @@ class ServiceState:
     shutdown_timed_out: bool = False  # requests were answered 503 because the budget ran out
 
     def __post_init__(self) -> None:
-        self.registry = Registry(self.settings, self.metrics)
+        self.tracing = Tracing(self.settings.otel_endpoint)
+        self.cache = ResponseCache.from_settings(self.settings, self.metrics)
+        self.registry = Registry(self.settings, self.metrics, tracing=self.tracing, cache=self.cache)
         self.uploads = UploadBudget(self.settings.max_concurrent_requests, self.settings.max_buffered_upload_bytes)
 
     # -- the default model, for single-model callers and the operator's view ------------------------------

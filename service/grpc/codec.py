@@ -103,10 +103,16 @@ def parse_request(request: Message, max_elements: int, max_batch: int) -> InferR
 
 
 def encode_response(
-    model_name: str, model_version: str, request_id: str | None, outputs: list[OutputTensor]
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: list[OutputTensor],
+    parameters: dict[str, str] | None = None,
 ) -> Message:
-    """The ModelInferResponse carrying `outputs` as raw contents, in order."""
+    """The ModelInferResponse carrying `outputs` as raw contents, in order, and the response's `parameters`."""
     response = ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id or "")
+    for key, value in (parameters or {}).items():
+        response.parameters[key].string_param = value  # type: ignore[attr-defined]
     for out in outputs:
         response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.shape))  # type: ignore[attr-defined]
         if out.datatype == BYTES:

@@ -19,6 +19,7 @@ from ..core.logs import AccessRecord, request_id, request_id_var
 from ..core.request.admission import overloaded
 from ..core.request.path import Call
 from ..core.state import ServiceState
+from ..core.tracing import grpc_attributes, grpc_outcome
 
 log = logging.getLogger("service.grpc")
 
@@ -78,13 +79,16 @@ class Calls:
 
     def wrap(self, route: str, name: str, request_type: type[Message], fn: Handler, read: bool = True) -> Behaviour:
         """The grpc behaviour (stream-unary: the handler reads the one message itself) of RPC `name`."""
-        metrics = self.state.metrics
+        metrics, tracing = self.state.metrics, self.state.tracing
 
         async def handle(requests: Any, context: grpc.aio.ServicerContext) -> Message:
-            offered = dict(context.invocation_metadata() or ()).get("x-request-id")
+            metadata = dict(context.invocation_metadata() or ())
+            offered = metadata.get("x-request-id")
             record = AccessRecord(request_id(offered), "gRPC", route, route, context.peer())
             remaining = context.time_remaining()
             rpc = Rpc(Call(record, deadline=None if remaining is None else time.perf_counter() + remaining))
+            if tracing.on:  # the caller's traceparent, from the call's metadata
+                tracing.begin(record, metadata, route.lstrip("/"), grpc_attributes(route))
             token = request_id_var.set(record.request_id)
             code, error = grpc.StatusCode.OK, None
             metrics.inflight.inc()
@@ -114,6 +118,8 @@ class Calls:
                 metrics.inflight.dec()
                 self.inflight -= 1
                 record.status = code.name
+                if record.span is not None:
+                    tracing.end(record, *grpc_outcome(code.name), error.message if error is not None else "")
                 metrics.requests.labels(route, code.name).inc()
                 metrics.latency.labels(route).observe(record.elapsed())
                 record.emit(quiet=name in QUIET_RPCS and code == grpc.StatusCode.OK)

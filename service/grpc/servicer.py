@@ -102,7 +102,7 @@ class InferenceServicer:
             tensors, out = await protocol.infer(rpc.call, state, served, parsed, kind, data)
         state.metrics.images.labels(f"/{SERVICE}/ModelInfer").inc(len(out.logits))
         rpc.timings = out.timings()
-        return codec.encode_response(served.name, str(served.version), parsed.id, tensors)
+        return codec.encode_response(served.name, str(served.version), parsed.id, tensors, out.parameters())
 
     # -- the model repository (Triton's explicit model control) ---------------------------------------------
     async def RepositoryIndex(self, request: Any, context: Any, rpc: Rpc) -> Message:

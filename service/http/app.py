@@ -82,6 +82,7 @@ def create_app(settings: Settings, model: InferenceModel | None = None) -> FastA
         routes=routes,
         draining=lambda: state.draining,
         model=lambda: state.registry.default_name(),
+        tracing=state.tracing,
     )
     # Outermost, so a refused upload's remaining bytes are drained after its metrics are recorded.
     app.add_middleware(LingeringCloseMiddleware, seconds=LINGER_SECONDS, max_bytes=4 * settings.max_upload_bytes)

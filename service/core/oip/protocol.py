@@ -203,7 +203,8 @@ async def infer(
             return data  # type: ignore[no-any-return]
 
         out = await run_encoded(call, state, served, files, len(data))
-    return select_outputs(request, served, out), out
+    with state.tracing.stage(call.record, "postprocess"):
+        return select_outputs(request, served, out), out
 
 
 # -- the model repository (Triton's explicit model control) -------------------------------------------------

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import Gauge
 
+from ..cache import ResponseCache
 from ..errors import ServiceError
 from ..identifiers import is_model_name
 from ..limits import check_memory, memory_limit_bytes, rss_bytes
@@ -25,6 +26,7 @@ from ..metrics import Metrics
 from ..request.batching import Batcher
 from ..request.inference import InferenceModel, ModelLoadError, OrtModel, warm_up
 from ..settings import Settings
+from ..tracing import Tracing
 from .config import Batching, ConfigError, ModelConfig, VersionPolicy
 from .layout import ModelEntry, RepositoryError, model_folder, read_model, scan
 
@@ -88,8 +90,16 @@ class IndexEntry:
 class Registry:
     """Every served model by name and version; the single place requests resolve a model."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader = load_onnx) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        loader: Loader = load_onnx,
+        tracing: Tracing | None = None,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self.settings, self.metrics, self.loader = settings, metrics, loader
+        self.tracing, self.cache = tracing, cache
         self.models: dict[str, dict[int, ServedModel]] = {}
         self.failures: dict[str, str] = {}  # why a model's last load failed
         self.policies: dict[str, VersionPolicy] = {}  # the version policy each served model was loaded with
@@ -184,6 +194,8 @@ class Registry:
             pad_to=shapes if batching.pad else None,
             cut_to=shapes,
             observer=self.metrics.observer(name, str(version)),
+            tracing=self.tracing if self.tracing is not None and self.tracing.on else None,
+            labels={"resnest.model": name, "resnest.model_version": version},
         )
         batcher.start()
         memory = max(rss_bytes() - before, 0)
@@ -201,8 +213,9 @@ class Registry:
         return (served.name, str(served.version), card.variant, card.precision, served.model.providers[0],
                 card.weights.get("sha256", "?")[:16])  # fmt: skip
 
-    def _swap_in(self, name: str, built: list[ServedModel]) -> None:
-        """Serve `built` under `name`; the versions it replaces drain in the background."""
+    async def _swap_in(self, name: str, built: list[ServedModel]) -> None:
+        """Serve `built` under `name`; the versions it replaces drain in the background, and their answers
+        leave the response cache."""
         old = self.models.get(name, {})
         self.models[name] = {s.version: s for s in built}
         for served in old.values():
@@ -210,6 +223,13 @@ class Registry:
         for served in built:  # after the old ones' series are gone: they may share these labels
             self.metrics.model_memory.labels(served.name, str(served.version)).set(served.memory_bytes)
             self.metrics.model_info.labels(*self._info_labels(served)).set(1)
+        await self._uncache(name, old.keys())
+
+    async def _uncache(self, name: str, versions: Iterable[int]) -> None:
+        """Drop these versions' entries from the response cache (a reload or unload: answers may change)."""
+        if self.cache is not None:
+            for version in versions:
+                await self.cache.drop(name, version)
 
     def _check_memory(self, built: list[ServedModel]) -> None:
         """What is served plus what was just built, and the request path's worst case, within the limit."""
@@ -220,7 +240,7 @@ class Registry:
         """Serve an already-built model (tests, the one-file shortcut with an injected model)."""
         async with self._lock:
             served = await self._build(name, version, model, None, ModelConfig())
-            self._swap_in(name, [served])
+            await self._swap_in(name, [served])
             return served
 
     async def load(self, entry: ModelEntry) -> list[ServedModel]:
@@ -239,7 +259,7 @@ class Registry:
                 raise
             self.failures.pop(entry.name, None)
             self.policies[entry.name] = entry.config.version_policy
-            self._swap_in(entry.name, built)
+            await self._swap_in(entry.name, built)
             return built
 
     async def load_path(self, name: str, path: Path) -> ServedModel:
@@ -312,6 +332,7 @@ class Registry:
                 served.unloading = True
             await asyncio.gather(*(self._drain(s) for s in versions.values()))
             del self.models[name]
+            await self._uncache(name, versions.keys())
             self.policies.pop(name, None)
 
     # -- the repository index ----------------------------------------------------------------------------

@@ -12,15 +12,20 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..threads import named_pool
 from .inference import InferenceModel, stack
+
+if TYPE_CHECKING:
+    from ..tracing import Tracing
 
 log = logging.getLogger("service.batcher")
 
@@ -59,6 +64,12 @@ class Ticket:
     queue_wait: float | None = None  # submit -> start of its first batch
     inference_time: float = 0.0  # summed over the batches it took part in
     batches: int = 0
+    # Tracing only (None or 0 otherwise): the request span's context, for its batches to link to; the wall
+    # clock (ns) at the start of its first batch and the end of its last; the spans of those batches.
+    trace: Any = None
+    first_batch_ns: int = 0
+    last_batch_ns: int = 0
+    batch_spans: list[Any] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -102,6 +113,8 @@ class Batcher:
     pad_to: Sequence[int] | None = None  # pad each batch up to the smallest of these sizes that holds it
     cut_to: Sequence[int] | None = None  # or run only the largest of these sizes that the queue fills
     observer: BatchObserver = field(default_factory=BatchObserver)
+    tracing: Tracing | None = None  # set only when tracing is on: a span per batch that served a traced request
+    labels: dict[str, Any] = field(default_factory=dict)  # the batch span's attributes (model, version)
 
     def __post_init__(self) -> None:
         self._queue: deque[_Item] = deque()
@@ -197,9 +210,11 @@ class Batcher:
         self._reserved += size
         return Reservation(self, size)
 
-    def submit(self, arrays: Sequence[np.ndarray], timeout: float, reservation: Reservation | None = None) -> Ticket:
+    def submit(
+        self, arrays: Sequence[np.ndarray], timeout: float, reservation: Reservation | None = None, trace: Any = None
+    ) -> Ticket:
         """Queue a request's images at once (into its reservation, if it holds one), or raise QueueFull /
-        BatcherStopped without queueing any."""
+        BatcherStopped without queueing any. `trace`: the request span's context, when it is traced."""
         if reservation is not None:
             reservation.release()
         if self._closed or not self.alive:
@@ -208,7 +223,7 @@ class Batcher:
             raise QueueFull(self.retry_after(len(self._queue) + self._reserved + len(arrays)))
         loop = asyncio.get_running_loop()
         now = loop.time()
-        ticket = Ticket(len(arrays), now, now + timeout, loop.create_future(), remaining=len(arrays))
+        ticket = Ticket(len(arrays), now, now + timeout, loop.create_future(), remaining=len(arrays), trace=trace)
         self._queue.extend(_Item(ticket, i, a) for i, a in enumerate(arrays))
         self.observer.on_queue_depth(len(self._queue))
         self._wake.set()
@@ -315,6 +330,7 @@ class Batcher:
                 ticket.queue_wait = start - ticket.submitted
                 self.observer.on_queue_wait(ticket.queue_wait)
         self._running_since, self._inflight = start, tickets
+        start_ns = time.time_ns() if self.tracing is not None else 0
         try:
             # Stacking runs on the inference thread too, inside the try: a batch that cannot be stacked (rows
             # of another shape) fails its own requests, and the worker goes on to the next.
@@ -329,6 +345,8 @@ class Batcher:
         finally:
             self._running_since = None
         seconds = loop.time() - start
+        if self.tracing is not None:
+            self._trace(tickets, start_ns, time.time_ns(), len(items), padded)
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / padded
         self.observer.on_batch(len(items), padded, seconds)
         for ticket in tickets:
@@ -347,6 +365,21 @@ class Batcher:
             if ticket.remaining == 0:
                 ticket.future.set_result(None)
         self._inflight = []  # answered: nothing of this batch is left for a failure to reach
+
+    def _trace(self, tickets: list[Ticket], start_ns: int, end_ns: int, images: int, padded: int) -> None:
+        """The batch's span, linked to each traced request it served; each request learns its batch times."""
+        assert self.tracing is not None
+        traced = [t for t in tickets if t.trace is not None]
+        if not traced:
+            return
+        attributes = {**self.labels, "resnest.batch.images": images, "resnest.batch.padded": padded,
+                      "resnest.batch.requests": len(tickets)}  # fmt: skip
+        span = self.tracing.batch([t.trace for t in traced], start_ns, end_ns, attributes)
+        for ticket in traced:
+            ticket.first_batch_ns = ticket.first_batch_ns or start_ns
+            ticket.last_batch_ns = end_ns
+            if span is not None:
+                ticket.batch_spans.append(span)
 
     def _infer(self, rows: list[np.ndarray], padded: int) -> tuple[np.ndarray, np.ndarray]:
         """On the inference thread: the batch in the model's input dtype (uint8 stays uint8), padding rows zero.

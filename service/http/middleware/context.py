@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ...core.errors import ServiceError
 from ...core.logs import AccessRecord, request_id, request_id_var
 from ...core.metrics import Metrics
+from ...core.tracing import Tracing, http_attributes, http_outcome
 from ..errors import answer
 from ..routing import RouteTable
 from ..scope import RECORD, ROUTE, header
@@ -34,8 +35,10 @@ class RequestContextMiddleware:
         routes: RouteTable,
         draining: Callable[[], bool],
         model: Callable[[], str | None] = lambda: None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.app, self.metrics, self.routes, self.draining, self.model = app, metrics, routes, draining, model
+        self.tracing = tracing if tracing is not None and tracing.on else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,6 +58,13 @@ class RequestContextMiddleware:
         )
         state = scope.setdefault("state", {})
         state[RECORD], state[ROUTE], state["request_id"] = record, route, record.request_id
+        if self.tracing is not None:
+            # The caller's traceparent continues here; the span is named by the route's template, not the path.
+            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+            name = f"{scope['method']} {route.label}" if route.operation is not None else scope["method"]
+            attributes = http_attributes(scope["method"], route.label, record.path, record.client,
+                                         scope.get("scheme", "http"))  # fmt: skip
+            self.tracing.begin(record, carrier, name, attributes)
         started = False
 
         async def counting_receive() -> Message:
@@ -91,5 +101,7 @@ class RequestContextMiddleware:
             self.metrics.latency.labels(route.label).observe(record.elapsed())
             if record.model is None:  # the request never reached a model: the default one serves the route
                 record.model = self.model()
+            if self.tracing is not None:
+                self.tracing.end(record, *http_outcome(int(status)))
             record.emit(quiet=route.operation in QUIET_OPERATIONS and int(status) < 400)
             request_id_var.reset(token)

@@ -17,6 +17,7 @@ from ..auth import API_KEY
 from ..calls import run_uploads
 from ..errors import error_payload
 from ..responses import JSONResponse
+from ..scope import record_of
 from .schemas import ClassifyResponse, EmbedResponse, ErrorResponse, Health, ModelInfo, Readiness
 
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
@@ -102,7 +103,8 @@ def _inference_routes(router: APIRouter, state: ServiceState) -> None:
                 raise ServiceError("no_classifier")  # before any image is decoded
             k = requested_top_k(settings, top_k_, card.num_classes)
             out = await run_uploads(request, state, served, images)
-        predictions = top_k(out.logits, k, card.labels)
+        with state.tracing.stage(record_of(request.scope), "postprocess"):
+            predictions = top_k(out.logits, k, card.labels)
         body = {
             "model": card.variant,
             "model_name": served.name,
@@ -130,7 +132,8 @@ def _inference_routes(router: APIRouter, state: ServiceState) -> None:
         served = state.resolve(model_name, parse_version(version))
         with served.use():
             out = await run_uploads(request, state, served, images)
-        vectors = l2_normalize(out.embedding) if normalize else out.embedding
+        with state.tracing.stage(record_of(request.scope), "postprocess"):
+            vectors = l2_normalize(out.embedding) if normalize else out.embedding
         body = {
             "model": served.model.card.variant,
             "model_name": served.name,

@@ -158,12 +158,19 @@ def parse_request(body: bytes, header_length: str | None, max_elements: int, max
 
 
 def encode_response(
-    model_name: str, model_version: str, request_id: str | None, outputs: list[OutputTensor]
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: list[OutputTensor],
+    parameters: dict[str, str] | None = None,
 ) -> tuple[bytes, int | None]:
-    """(body, JSON header length or None when nothing is binary) for an inference response."""
+    """(body, JSON header length or None when nothing is binary) for an inference response; `parameters`:
+    the response's own (whether the response cache answered)."""
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         header["id"] = request_id
+    if parameters:
+        header["parameters"] = parameters
     tensors, chunks = [], []
     for out in outputs:
         tensor: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.shape)}

@@ -168,7 +168,8 @@ def _infer_routes(router: APIRouter, state: ServiceState) -> None:
             parsed, kind, data = await loop.run_in_executor(state.decode_pool, protocol.read_request, parse, served,
                                                             limit)  # fmt: skip
             tensors, out = await protocol.infer(http_call(request), state, served, parsed, kind, data)
-        payload, header_length = encode_response(served.name, str(served.version), parsed.id, tensors)
+        payload, header_length = encode_response(served.name, str(served.version), parsed.id, tensors,
+                                                 out.parameters())  # fmt: skip
         state.metrics.images.labels("/v2/models/{model}/infer").inc(len(out.logits))
         headers = out.timings()
         if header_length is None:
