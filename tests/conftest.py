@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +45,15 @@ def export_tiny(out: Path, input_format: str = FLOAT32_NCHW) -> Path:
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with float32 NCHW input, exported once per session."""
     return export_tiny(tmp_path_factory.mktemp("model") / "tiny.onnx")
+
+
+def required_binary(name: str, places: tuple[str, ...], make_target: str, package: str) -> str:
+    """A Debian package's program the suite needs: on PATH or in `places`; missing is a failure, not a skip
+    (CI must run its tests, and `make test` installs it through `make_target`)."""
+    path = shutil.which(name) or next((p for p in places if os.access(p, os.X_OK)), None)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run `make {make_target}` (Debian's {package} package)", pytrace=False)
+    return path
 
 
 def settings(**overrides: Any) -> Settings:

@@ -18,11 +18,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pytest
 
 from bench.forms import files
+from bench.serving import free_port
 from service.http.app import create_app
-from tests.conftest import app_client, jpeg, run, settings, wait_until
+from tests.conftest import app_client, jpeg, required_binary, run, settings, wait_until
 
 A, B, C = jpeg((96, 72), (200, 30, 40)), jpeg((80, 120), (20, 160, 90)), jpeg((64, 64), (40, 40, 220))
 CONTROL_KEY = "cache-control-key"
@@ -148,16 +148,7 @@ def test_a_client_tensor_is_keyed_by_its_values_and_a_reload_misses(tmp_path: Pa
 
 # -- Redis, shared by replicas ---------------------------------------------------------------------------------
 def redis_binary() -> str:
-    path = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
-    if path is None:  # not a skip: CI must run these, and `make test` installs it
-        pytest.fail("redis-server is not installed: run `make redis` (Debian's redis-server package)", pytrace=False)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return required_binary("redis-server", ("/usr/bin/redis-server",), "redis", "redis-server")
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, jpeg, wait_until
+from tests.conftest import ROOT, ServerProcess, jpeg, required_binary, wait_until
 
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
@@ -43,12 +43,7 @@ _GRPC_INFER_OK = re.compile(
 
 
 def haproxy_binary() -> str:
-    path = shutil.which("haproxy") or next(
-        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)), None
-    )
-    if path is None:  # not a skip: CI must run these, and `make test` installs it
-        pytest.fail("haproxy is not installed: run `make lb` (installs Debian's haproxy package)", pytrace=False)
-    return path
+    return required_binary("haproxy", ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy"), "lb", "haproxy")
 
 
 def free_port() -> int:
