@@ -1,11 +1,11 @@
-"""service.postprocess: softmax, top-k answers and L2-normalised embeddings, with numbers."""
+"""modelcard.outputs: softmax, top-k answers and L2-normalised embeddings, with numbers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service.core.request.postprocess import l2_normalize, softmax, top_k
+from modelcard.outputs import l2_normalize, softmax, top_k
 
 LABELS = [f"class {i}" for i in range(1000)]
 
