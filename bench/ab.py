@@ -16,6 +16,11 @@ tracing off against on (an OTLP receiver of bench/otlp.py started for the run, i
     python -m bench.ab --after-env 'RESNEST_OTEL_ENDPOINT={otlp}' --label tracing --concurrency 16
     python -m bench.ab --before-env RESNEST_CACHE_BYTES=0 --after-env RESNEST_CACHE_BYTES=268435456 \
         --loadgen --repeat 0.5 --label cache     # half the requests repeat an image
+
+Or two model files (a graph change's cost), or two routes of one server (what one answer costs beside another):
+
+    python -m bench.ab --before-model artifacts/resnest50-fp32-nofeatures.onnx --label feature-map
+    python -m bench.ab --after-route /explain --protocols multipart --label explain --loadgen --classes 1
 """
 
 from __future__ import annotations
@@ -134,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after-env", nargs="*", default=[], help="RESNEST_X=value settings of the after side")
     parser.add_argument("--loadgen", nargs=argparse.REMAINDER, default=[], help="options for bench/loadgen.py")
     parser.add_argument("--label", default="", help="what differs, for the table's title")
+    parser.add_argument("--before-model", type=Path, help="the before side's model file (default: --model)")
+    parser.add_argument("--before-route", default="/classify", help="the multipart route the before side is sent")
+    parser.add_argument("--after-route", default="/classify", help="the multipart route the after side is sent")
     parser.add_argument("--rewrite", type=Path, help="recompute an earlier run's comparison from its JSON, run nothing")
     parser.add_argument("--model", type=Path, default=Path("artifacts/resnest50-fp32.onnx"))
     parser.add_argument("--protocols", nargs="+", default=["multipart", "grpc"])
@@ -147,10 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.rewrite:
         rewrite(args.rewrite)
         return 0
-    if args.before is None and not (args.before_env or args.after_env):
-        parser.error("--before, or settings that differ (--before-env / --after-env), is required")
+    differ = args.before_env or args.after_env or args.before_model or args.before_route != args.after_route
+    if args.before is None and not differ:
+        parser.error("--before, or settings, a model or a route that differ (--before-env / --after-env, "
+                     "--before-model, --before-route / --after-route), is required")  # fmt: skip
 
     model = args.model.resolve()
+    models = {"before": (args.before_model or args.model).resolve(), "after": model}
+    routes = {"before": args.before_route, "after": args.after_route}
     sides = {"before": (args.before or ROOT).resolve(), "after": ROOT}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, receiver("http") as sink:
@@ -161,14 +173,17 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 print(f"round {round_ + 1}: {name} ...", file=sys.stderr, flush=True)
                 env = {**BENCH_ENV, **_settings(args.before_env if name == "before" else args.after_env, sink)}
-                for row in ours(model, photos_dir, args.concurrency, args.protocols, args.duration, args.warmup,
-                                env, checkout=sides[name], extra=args.loadgen):  # fmt: skip
+                extra = [*args.loadgen, "--route", routes[name]]
+                for row in ours(models[name], photos_dir, args.concurrency, args.protocols, args.duration,
+                                args.warmup, env, checkout=sides[name], extra=extra):  # fmt: skip
                     rows.append({**row, "side": name, "round": round_})
     result = {
         "before_commit": _commit(sides["before"]), "after_commit": _commit(sides["after"]), "model": str(args.model),
         "machine": describe(), "settings": BENCH_ENV, "rounds": args.rounds, "duration_s": args.duration,
         "comparison": compare(rows), "rows": rows, "label": args.label, "loadgen": args.loadgen,
         "before_env": args.before_env, "after_env": args.after_env, "spans_received": len(sink.spans),
+        "before_model": str(args.before_model or args.model), "before_route": args.before_route,
+        "after_route": args.after_route,
     }  # fmt: skip
     write(result, args.out, args.tag)
     return 0

@@ -639,12 +639,19 @@ def render_ab(result: Json) -> str:
                      f"{rate['before']:.1f}", f"{rate['after']:.1f}", f"{rate['ratio']:.3f}",
                      f"{rate['before_spread']:.3f}", f"{p50['before']:.1f}", f"{p50['after']:.1f}",
                      f"{p50['ratio']:.3f}", f"{p['errors']['before']} / {p['errors']['after']}"])  # fmt: skip
-    before, after = result["before_env"] or ["defaults"], result["after_env"] or ["defaults"]
+    before, after = list(result["before_env"]), list(result["after_env"])
+    # Runs that compare two model files, or two routes of one server, name them on each side.
+    before_model, model = Path(result.get("before_model") or result["model"]).name, Path(result["model"]).name
+    if before_model != model:
+        before, after = [*before, before_model], [*after, model]
+    if result.get("before_route", "/classify") != result.get("after_route", "/classify"):
+        before, after = [*before, f"POST {result['before_route']}"], [*after, f"POST {result['after_route']}"]
+    before, after = before or ["defaults"], after or ["defaults"]
     loadgen = " ".join(result.get("loadgen") or []) or "none"
     lines = [
         machine_line(result),
         "",
-        f"`{Path(result['model']).name}`; before: {', '.join(f'`{e}`' for e in before)}; after: "
+        f"`{model}`; before: {', '.join(f'`{e}`' for e in before)}; after: "
         f"{', '.join(f'`{e}`' for e in after)}; load generator options: `{loadgen}`. {result['rounds']} rounds "
         f"of {result['duration_s']:.0f} s windows, the sides alternating (order flipped every round); the ratio is "
         "the median of after / before within each round, `spread` the before side's own max / min across rounds"
@@ -687,6 +694,8 @@ RENDERERS: dict[str, Callable[[Json], str]] = {
     "protocols-peers-cpu": render_peers,
     "ab-tracing-cpu": render_ab,
     "ab-cache-cpu": render_ab,
+    "ab-feature-map-cpu": render_ab,
+    "ab-explain-cpu": render_ab,
 }
 
 

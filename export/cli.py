@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the graph's input: float32-nchw (normalised on the host), or uint8-nhwc (the decoded, resized and "
         "cropped RGB bytes; cast, normalised and transposed on the device, checked against the float graph)",
     )
+    parser.add_argument(
+        "--no-feature-map",
+        dest="feature_map",
+        action="store_false",
+        help="leave out the last feature map output (and the classifier record) that class activation maps "
+        "(POST /explain) read; the graph is then the one earlier exports wrote",
+    )
     head = parser.add_argument_group("classes (fine-tuned and headless checkpoints)")
     head.add_argument(
         "--num-classes",
@@ -239,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             heldout=heldout,
             recipe=recipe,
             input_format=args.input_format,
+            feature_map=args.feature_map,
         )
     except ExportError as exc:
         _log(f"FAILED: {exc}")

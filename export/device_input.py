@@ -95,11 +95,11 @@ def check_input_parity(
         for n, crops in by_size.items():
             reference_input = float_inputs[n] if kind == "photos" else host_normalise(crops, cfg)
             for provider, run_u8 in uint8_runs.items():
-                ref_logits, ref_emb = parity._split(
+                ref_logits, ref_emb, ref_fmap = parity._split(
                     [a.astype(np.float64) for a in float_runs[provider](reference_input)]
                 )
-                logits, emb = parity._split(run_u8(crops))
-                figures = parity.compare(ref_logits, ref_emb, logits, emb)
+                logits, emb, fmap = parity._split(run_u8(crops))
+                figures = parity.compare(ref_logits, ref_emb, logits, emb, ref_fmap, fmap)
                 cases.append({"provider": provider, "inputs": kind, "batch": n, **figures,
                               "failures": parity.failures(figures, limits)})  # fmt: skip
     worst = parity._worst(cases)

@@ -131,13 +131,15 @@ class FusedBottleneck(nn.Module):
 
 
 class FusedResNeSt(nn.Module):
-    """images (N, 3, H, W) -> (logits (N, classes), pooled embedding (N, features)) from one forward.
+    """images (N, 3, H, W) -> (logits (N, classes), pooled embedding (N, features)) from one forward, and with
+    `feature_map` the last stage's map (N, features, h, w) the embedding is the mean of.
 
     A headless model (num_classes 0) returns (embedding,) alone: the graph then has no logits output.
     """
 
-    def __init__(self, model: ResNeSt) -> None:
+    def __init__(self, model: ResNeSt, feature_map: bool = False) -> None:
         super().__init__()
+        self.feature_map = feature_map and bool(model.num_classes)
         stem = model.conv1
         self.stem = nn.Sequential(
             fold_bn(stem[0], stem[1]), nn.ReLU(),
@@ -150,28 +152,37 @@ class FusedResNeSt(nn.Module):
         self.fc = copy.deepcopy(model.fc) if model.num_classes else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        embedding = torch.flatten(self.blocks(self.stem(images)).mean((2, 3), keepdim=True), 1)
-        return (embedding,) if self.fc is None else (self.fc(embedding), embedding)
+        features = self.blocks(self.stem(images))
+        embedding = torch.flatten(features.mean((2, 3), keepdim=True), 1)
+        if self.fc is None:
+            return (embedding,)
+        return (self.fc(embedding), embedding, features) if self.feature_map else (self.fc(embedding), embedding)
 
 
 class TwoHeads(nn.Module):
     """The eager model with both outputs, unfused: what a plain export of the checkpoint layout gives.
 
-    Outputs as FusedResNeSt's: (logits, embedding), or (embedding,) for a headless model.
+    Outputs as FusedResNeSt's: (logits, embedding[, features]), or (embedding,) for a headless model.
     """
 
-    def __init__(self, model: ResNeSt) -> None:
+    def __init__(self, model: ResNeSt, feature_map: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.feature_map = feature_map and bool(model.num_classes)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        embedding = self.model.forward_embedding(images)
-        return (self.model.fc(embedding), embedding) if self.model.num_classes else (embedding,)
+        features = self.model.forward_features(images)
+        embedding = self.model.forward_head(features, pre_logits=True)
+        if not self.model.num_classes:
+            return (embedding,)
+        logits = self.model.fc(embedding)
+        return (logits, embedding, features) if self.feature_map else (logits, embedding)
 
 
 @torch.no_grad()
-def fuse(model: ResNeSt) -> FusedResNeSt:
-    """The inference graph of an eval-mode ResNeSt (the model itself is left untouched)."""
+def fuse(model: ResNeSt, feature_map: bool = False) -> FusedResNeSt:
+    """The inference graph of an eval-mode ResNeSt (the model itself is left untouched), with the last feature
+    map as an output where `feature_map` (classifiers only)."""
     if model.training:
         raise ValueError("fuse() needs an eval-mode model: BatchNorm folding uses running statistics")
-    return FusedResNeSt(model).eval()
+    return FusedResNeSt(model, feature_map).eval()

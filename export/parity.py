@@ -16,7 +16,7 @@ class Thresholds:
     """Pass criteria. Errors are relative to the reference's scale (max |value|), per output."""
 
     max_rel_logits: float
-    max_rel_embedding: float
+    max_rel_embedding: float  # also the feature map's (the embedding is its spatial mean)
     min_cosine: float
     # Share of images whose top-1 must agree; with `near_ties_ok`, a disagreement counts as agreement when
     # the two classes' reference logits differ by no more than twice the observed max abs error.
@@ -37,11 +37,17 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def compare(
-    ref_logits: np.ndarray | None, ref_emb: np.ndarray, logits: np.ndarray | None, emb: np.ndarray
+    ref_logits: np.ndarray | None,
+    ref_emb: np.ndarray,
+    logits: np.ndarray | None,
+    emb: np.ndarray,
+    ref_features: np.ndarray | None = None,
+    features: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Error figures of one batch: abs/rel error of both outputs, top-1/top-5 agreement, cosine.
+    """Error figures of one batch: abs/rel error of each output, top-1/top-5 agreement, cosine.
 
-    Without logits (a headless model) only the embedding's figures are computed.
+    Without logits (a headless model) only the embedding's figures are computed; the feature map's where both
+    sides have one.
     """
     emb_err = np.abs(emb.astype(np.float64) - ref_emb)
     emb_scale = float(np.abs(ref_emb).max())
@@ -52,6 +58,11 @@ def compare(
         "max_rel_embedding": float(emb_err.max()) / max(emb_scale, 1e-12),
         "min_cosine_embedding": float(cos.min()),
     }
+    if ref_features is not None and features is not None:
+        feature_err = float(np.abs(features.astype(np.float64) - ref_features).max())
+        feature_scale = float(np.abs(ref_features).max())
+        figures.update(feature_scale=feature_scale, max_abs_features=feature_err,
+                       max_rel_features=feature_err / max(feature_scale, 1e-12))  # fmt: skip
     if ref_logits is None or logits is None:
         return figures
     logit_err = np.abs(logits.astype(np.float64) - ref_logits)
@@ -79,6 +90,10 @@ def failures(figures: dict[str, float], limits: Thresholds) -> list[str]:
         ("max_rel_embedding", figures["max_rel_embedding"] <= limits.max_rel_embedding, limits.max_rel_embedding),
         ("min_cosine_embedding", figures["min_cosine_embedding"] >= limits.min_cosine, limits.min_cosine),
     ]
+    if "max_rel_features" in figures:
+        checks.append(
+            ("max_rel_features", figures["max_rel_features"] <= limits.max_rel_embedding, limits.max_rel_embedding)
+        )
     if "max_rel_logits" in figures:
         top1 = figures["top1_agreement_or_near_tie" if limits.near_ties_ok else "top1_agreement"]
         checks = [
@@ -99,13 +114,16 @@ def batches(photos: np.ndarray, seed: int, input_size: int) -> dict[str, dict[in
     return out
 
 
-def _split(outputs: Sequence[np.ndarray]) -> tuple[np.ndarray | None, np.ndarray]:
-    """(logits, embedding) from a model's outputs: two of them, or the embedding alone (headless)."""
+def _split(outputs: Sequence[np.ndarray]) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """(logits, embedding, features) from a model's outputs: all three, the first two (no feature map), or the
+    embedding alone (headless); what a graph lacks is None."""
+    if len(outputs) == 3:
+        return outputs[0], outputs[1], outputs[2]
     if len(outputs) == 2:
-        return outputs[0], outputs[1]
+        return outputs[0], outputs[1], None
     if len(outputs) == 1:
-        return None, outputs[0]
-    raise ValueError(f"expected (logits, embedding) or (embedding,), got {len(outputs)} outputs")
+        return None, outputs[0], None
+    raise ValueError(f"expected (logits, embedding[, features]) or (embedding,), got {len(outputs)} outputs")
 
 
 @torch.no_grad()
@@ -117,16 +135,16 @@ def check(
 ) -> dict[str, object]:
     """Compare `reference` with every ORT runner given, on every input batch.
 
-    `reference` maps images to (logits, embedding), or (embedding,) for a headless model; `run_onnx` maps a
-    provider name to a callable taking a batch and returning the same outputs as arrays.
+    `reference` maps images to (logits, embedding[, features]), or (embedding,) for a headless model;
+    `run_onnx` maps a provider name to a callable taking a batch and returning the same outputs as arrays.
     """
     results: list[dict[str, object]] = []
     for kind, by_size in inputs.items():
         for n, batch in by_size.items():
-            ref_logits, ref_emb = _split([t.double().numpy() for t in reference(torch.from_numpy(batch))])
+            ref_logits, ref_emb, ref_fmap = _split([t.double().numpy() for t in reference(torch.from_numpy(batch))])
             for provider, run in run_onnx.items():
-                logits, emb = _split(run(batch))  # type: ignore[operator]
-                figures = compare(ref_logits, ref_emb, logits, emb)
+                logits, emb, fmap = _split(run(batch))  # type: ignore[operator]
+                figures = compare(ref_logits, ref_emb, logits, emb, ref_fmap, fmap)
                 results.append({"provider": provider, "inputs": kind, "batch": n, **figures,
                                 "failures": failures(figures, limits)})  # fmt: skip
     worst = _worst(results)
@@ -139,7 +157,8 @@ def check(
 
 
 def _worst(results: Sequence[dict[str, object]]) -> dict[str, float]:
-    keys_max = ("max_abs_logits", "max_rel_logits", "max_abs_embedding", "max_rel_embedding")
+    keys_max = ("max_abs_logits", "max_rel_logits", "max_abs_embedding", "max_rel_embedding", "max_abs_features",
+                "max_rel_features")  # fmt: skip
     keys_min = ("top1_agreement", "top5_agreement", "min_cosine_embedding")
     present = [k for k in (*keys_max, *keys_min) if all(k in r for r in results)]
     worst: dict[str, float] = {

@@ -23,6 +23,7 @@ import torch
 # as uploads will.
 from imaging import preprocess
 from modelcard import (
+    FEATURES,
     FLOAT32_NCHW,
     INPUT_FORMATS,
     LABEL_SOURCES,
@@ -32,6 +33,7 @@ from modelcard import (
     check_labels,
     output_names,
 )
+from modelcard.cam import ClassifierHead
 from models import ResNeSt
 
 from . import graph, parity
@@ -103,6 +105,7 @@ def _plan(
     input_format: str | None,
     calibration: int8.ImageSet | None,
     heldout: int8.ImageSet | None,
+    feature_map: bool = True,
 ) -> _Plan:
     """Every argument checked before minutes of tracing; ValueError names the first one that is wrong."""
     if model.num_classes == 1:
@@ -126,7 +129,7 @@ def _plan(
     return _Plan(
         labels=tuple(labels),
         labels_source=labels_source,
-        outputs=tuple(output_names(bool(model.num_classes))),
+        outputs=tuple(output_names(bool(model.num_classes), feature_map)),
         float_cfg=as_format(cfg, FLOAT32_NCHW),
         cfg=as_format(cfg, fmt),
         calibration=calibration,
@@ -139,10 +142,11 @@ def _trace(
 ) -> tuple[onnx.ModelProto, dict[str, Counter[str]]]:
     """The fused model traced and its graph checked; the checkpoint-layout trace beside it for the histogram."""
     size, outputs = plan.cfg.input_size, list(plan.outputs)
-    final = graph.trace_to_onnx(fuse(model), size, opset, outputs=outputs)
+    fmap = FEATURES in outputs
+    final = graph.trace_to_onnx(fuse(model, fmap), size, opset, outputs=outputs)
     histograms = {"final": graph.op_histogram(final)}
     if compare_naive:
-        naive = graph.trace_to_onnx(TwoHeads(model), size, opset, outputs=outputs)
+        naive = graph.trace_to_onnx(TwoHeads(model, fmap), size, opset, outputs=outputs)
         histograms = {"naive": graph.op_histogram(naive), **histograms}
     legend = " (naive: the checkpoint-layout model traced as is)" if compare_naive else ""
     log(f"node types{legend}:\n" + graph.format_histogram(histograms))
@@ -168,7 +172,8 @@ def _prove_parity(
     run = runners(final.SerializeToString())
     limits = parity.FP16 if precision == "fp16" else parity.FP32
     photos = photo_batch(plan.float_cfg)
-    report = parity.check(TwoHeads(model), run, parity.batches(photos, seed, plan.cfg.input_size), limits)
+    reference = TwoHeads(model, FEATURES in plan.outputs)
+    report = parity.check(reference, run, parity.batches(photos, seed, plan.cfg.input_size), limits)
     report.update(precision=precision, providers=list(run), photos=len(sample_photos()))
     # A failed report gets its own name, so it never sits beside an older model as if it described it.
     report_path = output.with_suffix(".parity.json" if report["passed"] else ".parity-failed.json")
@@ -260,7 +265,7 @@ def _prefix_input(
 def _card(
     model: ResNeSt, plan: _Plan, precision: str, opset: int, weights: dict[str, Any], nodes: Counter[str],
     provenance: dict[str, Any] | None, report: dict[str, Any], input_report: dict[str, Any] | None,
-    quantization: dict[str, Any],
+    quantization: dict[str, Any], feature_map: tuple[int, int, int] | None,
 ) -> ModelCard:  # fmt: skip
     """The model card that travels inside the graph: what it is, how it was made, what it was proven against."""
     return ModelCard(
@@ -292,7 +297,17 @@ def _card(
             ),
         },
         quantization=quantization,
+        feature_map=feature_map,
     )
+
+
+def _feature_map(final: onnx.ModelProto, plan: _Plan) -> tuple[int, int, int] | None:
+    """The `features` output's (channels, height, width), as the traced graph has it; None without one."""
+    if FEATURES not in plan.outputs:
+        return None
+    value = next(o for o in final.graph.output if o.name == FEATURES)
+    channels, height, width = (d.dim_value for d in value.type.tensor_type.shape.dim[1:])
+    return channels, height, width
 
 
 def _save(final: onnx.ModelProto, output: Path, reports: dict[Path, dict[str, Any]], int8_export: bool) -> None:
@@ -326,6 +341,7 @@ def export_model(
     heldout: int8.ImageSet | None = None,
     recipe: int8.Recipe = int8.DEFAULT_RECIPE,
     input_format: str | None = None,
+    feature_map: bool = True,
 ) -> ExportResult:
     """Export an eval-mode ResNeSt to `output` (and `<output>.parity.json`); ExportError if a check fails.
 
@@ -342,9 +358,13 @@ def export_model(
     `input_format` (default: `cfg`'s) "uint8-nhwc": the proven graph gets a uint8 [N, S, S, 3] input that it
     casts, normalises and transposes itself (export/device_input.py), checked against the float graph on the
     service's host preprocessing of the photographs; the card records the format, so the service feeds bytes.
+
+    `feature_map` (classifiers): the last stage's map is a third output, proven against PyTorch like the
+    others, and the classifier's weight and bias go into the metadata, so the service can compute exact class
+    activation maps (modelcard/cam.py); off, the graph is the one files had before.
     """
     started = time.perf_counter()
-    plan = _plan(model, cfg, precision, labels, labels_source, input_format, calibration, heldout)
+    plan = _plan(model, cfg, precision, labels, labels_source, input_format, calibration, heldout, feature_map)
     fmt = plan.cfg.input_format
     steps = 4 + (precision == "int8") + plan.device_input
 
@@ -382,8 +402,12 @@ def export_model(
     step(steps - 1, "writing provenance into the model's metadata")
     nodes = histograms["int8" if precision == "int8" else "final"]
     card = _card(model, plan, precision, opset, weights, nodes, provenance, report, input_report,
-                 quantized.quantization if quantized else {})  # fmt: skip
-    onnx.helper.set_model_props(final, card.to_metadata())
+                 quantized.quantization if quantized else {}, _feature_map(final, plan))  # fmt: skip
+    metadata = card.to_metadata()
+    if card.feature_map is not None:
+        fc = model.fc
+        metadata |= ClassifierHead(fc.weight.detach().numpy(), fc.bias.detach().numpy()).to_metadata()
+    onnx.helper.set_model_props(final, metadata)
     final.producer_name = "resnest-serve export"
     final.doc_string = card.warning or f"ResNeSt {model.variant.name}"
 

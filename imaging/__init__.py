@@ -7,6 +7,6 @@ decode and preprocess through these functions, so each gives the model the same 
 from __future__ import annotations
 
 from .formats import FORMATS, MEDIA_TYPES
-from .transforms import ImageError, configure_pillow, preprocess
+from .transforms import ImageError, configure_pillow, decode, preprocess
 
-__all__ = ["FORMATS", "MEDIA_TYPES", "ImageError", "configure_pillow", "preprocess"]
+__all__ = ["FORMATS", "MEDIA_TYPES", "ImageError", "configure_pillow", "decode", "preprocess"]

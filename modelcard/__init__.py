@@ -2,7 +2,8 @@
 
 What a model file promises its server: the tensor names, the preprocessing, the labels, the weights' and the
 export's provenance, all carried in the ONNX file's metadata. Pure Python (no torch, no onnxruntime), so the
-PyTorch side (models/, export/) and the serving side (service/) import the same definitions.
+PyTorch side (models/, export/) and the serving side (service/) import the same definitions. What the outputs
+mean (outputs.py) and class activation maps (cam.py) need numpy, so they are imported by name, never here.
 """
 
 from __future__ import annotations
@@ -26,11 +27,32 @@ from .preprocess import (
     UINT8_NHWC,
     PreprocessConfig,
 )
-from .tensors import EMBEDDING, INPUT, LOGITS, output_names
+from .tensors import EMBEDDING, FEATURES, INPUT, LOGITS, output_names
 
 __all__ = [
-    "EMBEDDING", "FLOAT32_NCHW", "FORMAT_VERSION", "GENERIC_LABELS_WARNING", "IMAGENET_MEAN", "IMAGENET_STD", "INPUT",
-    "INPUT_FORMATS", "INTERPOLATIONS", "LABEL_SOURCES", "LOGITS", "PRECISIONS", "RANDOM_WEIGHTS_WARNING",
-    "UINT8_NHWC", "LabelsError", "ModelCard", "ModelCardError", "PreprocessConfig", "check_labels",
-    "duplicate_labels", "generic_labels", "output_names", "parse_labels", "read_labels",
+    "EMBEDDING",
+    "FEATURES",
+    "FLOAT32_NCHW",
+    "FORMAT_VERSION",
+    "GENERIC_LABELS_WARNING",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INPUT",
+    "INPUT_FORMATS",
+    "INTERPOLATIONS",
+    "LABEL_SOURCES",
+    "LOGITS",
+    "PRECISIONS",
+    "RANDOM_WEIGHTS_WARNING",
+    "UINT8_NHWC",
+    "LabelsError",
+    "ModelCard",
+    "ModelCardError",
+    "PreprocessConfig",
+    "check_labels",
+    "duplicate_labels",
+    "generic_labels",
+    "output_names",
+    "parse_labels",
+    "read_labels",
 ]  # fmt: skip

@@ -1,8 +1,8 @@
 """The model card and its ONNX metadata form: what export writes and the service reads back.
 
 Values are strings in ONNX's metadata_props; structured ones are JSON. Format 1 gained optional keys since
-it was first written (num_classes, labels_source, quantization): a file without them reads as the 1000-class
-ImageNet fp32 or fp16 model that every such file is, and older readers ignore them.
+it was first written (num_classes, labels_source, quantization, feature_map): a file without them reads as the
+1000-class ImageNet fp32 or fp16 model that every such file is, and older readers ignore them.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ class ModelCard:
     # int8 only: the recipe, the calibration (method, images, their digest), the nodes left in float and the
     # accuracy report against the fp32 graph (export/quantize.py); empty for fp32 and fp16.
     quantization: dict[str, Any] = field(default_factory=dict)
+    # The `features` output's (channels, height, width) where the graph has one (classifiers exported since
+    # class activation maps: modelcard/cam.py); None for older files and headless backbones.
+    feature_map: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -66,6 +69,13 @@ class ModelCard:
         # An int8 file says how it was quantized and what accuracy it kept, or it is not one the export wrote.
         if (self.precision == "int8") != bool(self.quantization):
             raise ValueError("a model carries a quantization record exactly when its precision is int8")
+        if self.feature_map is not None:
+            fmap = tuple(self.feature_map)
+            object.__setattr__(self, "feature_map", fmap)
+            if not self.labels:
+                raise ValueError("a headless backbone has no classes to explain: it carries no feature map output")
+            if len(fmap) != 3 or fmap[0] != self.embedding_dim or min(fmap) < 1:
+                raise ValueError(f"feature_map must be ({self.embedding_dim}, height, width), got {fmap}")
 
     @property
     def num_classes(self) -> int:
@@ -79,7 +89,7 @@ class ModelCard:
     @property
     def outputs(self) -> tuple[str, ...]:
         """The graph outputs this card promises, in order."""
-        return output_names(self.has_classifier)
+        return output_names(self.has_classifier, self.feature_map is not None)
 
     @property
     def random_weights(self) -> bool:
@@ -117,6 +127,8 @@ class ModelCard:
         }
         if self.quantization:
             meta["resnest.quantization"] = json.dumps(self.quantization)
+        if self.feature_map is not None:
+            meta["resnest.feature_map"] = json.dumps(list(self.feature_map))
         if self.warning:
             meta["resnest.warning"] = self.warning
         return meta
@@ -147,6 +159,7 @@ class ModelCard:
                 export=json.loads(meta["resnest.export"]),
                 parity=json.loads(meta.get("resnest.parity", "{}")),
                 quantization=json.loads(meta.get("resnest.quantization", "{}")),
+                feature_map=json.loads(meta["resnest.feature_map"]) if "resnest.feature_map" in meta else None,
             )
         except LabelsError as exc:
             raise ModelCardError(f"model metadata: {exc}") from exc

@@ -10,8 +10,15 @@ INPUT = "images"
 LOGITS = "logits"
 # embedding: float32 [N, embedding_dim], the globally pooled features the classifier reads.
 EMBEDDING = "embedding"
+# features: float32 [N, embedding_dim, h, w], the last stage's feature map the embedding is the spatial mean
+# of; a classifier's class activation maps are its classifier rows applied at each position. Files exported
+# before it existed lack it (the card says so: ModelCard.feature_map).
+FEATURES = "features"
 
 
-def output_names(has_classifier: bool) -> tuple[str, ...]:
-    """The graph's outputs, in order: (logits, embedding), or (embedding,) for a headless backbone."""
-    return (LOGITS, EMBEDDING) if has_classifier else (EMBEDDING,)
+def output_names(has_classifier: bool, feature_map: bool = False) -> tuple[str, ...]:
+    """The graph's outputs, in order: (logits, embedding[, features]), or (embedding,) for a headless backbone
+    (which has no classes to explain, so no feature map output)."""
+    if not has_classifier:
+        return (EMBEDDING,)
+    return (LOGITS, EMBEDDING, FEATURES) if feature_map else (LOGITS, EMBEDDING)

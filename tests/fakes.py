@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import time
@@ -11,6 +12,7 @@ import numpy as np
 
 from export.labels import imagenet_labels
 from modelcard import ModelCard, PreprocessConfig
+from modelcard.cam import ClassifierHead
 
 FAKE_SIZE = 32
 FAKE_DIM = 16
@@ -73,3 +75,18 @@ class FakeModel:
         if self.fail is not None:
             self.fail(images)
         return fake_outputs(images)
+
+
+class ExplainableFake(FakeModel):
+    """A FakeModel with a feature map output and a classifier record, so /explain answers: its map is the
+    embedding at each of 2 x 2 positions (so its mean is the embedding, as a real graph's is)."""
+
+    def __init__(self, input_size: int = FAKE_SIZE) -> None:
+        super().__init__(input_size)
+        self.card = dataclasses.replace(self.card, feature_map=(FAKE_DIM, 2, 2))
+        rng = np.random.default_rng(1)
+        self.head = ClassifierHead(rng.standard_normal((1000, FAKE_DIM)), rng.standard_normal(1000))
+
+    def infer_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logits, embedding = self.infer(images)
+        return logits, embedding, np.repeat(np.repeat(embedding[:, :, None, None], 2, axis=2), 2, axis=3)

@@ -282,3 +282,43 @@ def test_padding_to_fixed_shapes_keeps_answers_exact() -> None:
         await batcher.stop(5)
 
     run(main())
+
+
+class FeatureFake(FakeModel):
+    """A fake that also has a feature map: each image's first channel, pooled 8 x 8 (input-dependent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feature_batches: list[int] = []
+
+    def infer_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logits, embedding = self.infer(images)
+        self.feature_batches.append(len(images))
+        n, _, s, _ = images.shape
+        return logits, embedding, images[:, :1].reshape(n, 1, s // 8, 8, s // 8, 8).mean(axis=(3, 5))
+
+
+def test_only_a_batch_holding_a_request_for_the_feature_map_fetches_it() -> None:
+    async def main() -> None:
+        model = FeatureFake()
+        model.gate = threading.Event()
+        batcher = make(model, max_batch=8)
+        first = batcher.submit(images(1, seed=99), timeout=10)
+        await until(lambda: model.calls == 1)  # the first batch is inside the model: the next two queue up
+        plain_arrays, explain_arrays = images(2, seed=1), images(3, seed=2)
+        plain = batcher.submit(plain_arrays, timeout=10)
+        explain = batcher.submit(explain_arrays, timeout=10, features=True)
+        model.gate.set()
+        await batcher.wait(first)
+        plain_logits, _ = await batcher.wait(plain)
+        explain_logits, _ = await batcher.wait(explain)
+        assert model.batches == [1, 5] and model.feature_batches == [5]  # one shared batch, fetched once
+        np.testing.assert_allclose(plain_logits, expected(plain_arrays)[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(explain_logits, expected(explain_arrays)[0], rtol=1e-5, atol=1e-5)
+        assert first.feature_maps is None and plain.feature_maps is None  # nobody else gets (or pays for) them
+        assert explain.feature_maps is not None and explain.feature_maps.shape == (3, 1, 4, 4)
+        want = np.stack([a[:1].reshape(1, 4, 8, 4, 8).mean(axis=(2, 4)) for a in explain_arrays])
+        np.testing.assert_allclose(explain.feature_maps, want, rtol=1e-6)
+        await batcher.stop(5)
+
+    run(main())

@@ -134,22 +134,26 @@ def test_graph_is_clean_and_batch_dynamic(tiny_onnx: Path) -> None:
     in_dims = dims(inp)
     assert isinstance(in_dims[0], str) and in_dims[0] and in_dims[1:] == [3, SIZE, SIZE]
     outputs = {o.name: dims(o) for o in model.graph.output}
-    assert list(outputs) == ["logits", "embedding"]
+    assert list(outputs) == ["logits", "embedding", "features"]
     assert isinstance(outputs["logits"][0], str) and outputs["logits"][1:] == [1000]
     assert isinstance(outputs["embedding"][0], str) and outputs["embedding"][1:] == [2048]
+    # The last stage's map (stride 32) that class activation maps read; the embedding is its spatial mean.
+    assert isinstance(outputs["features"][0], str) and outputs["features"][1:] == [2048, SIZE // 32, SIZE // 32]
 
     session = ort.InferenceSession(str(tiny_onnx), providers=CPU)
-    reference = TwoHeads(models.create_model("resnest14d", seed=0))
+    reference = TwoHeads(models.create_model("resnest14d", seed=0), feature_map=True)
     rng = np.random.default_rng(7)
     for n in (1, 3, 8):
         batch = rng.standard_normal((n, 3, SIZE, SIZE), dtype=np.float32)
-        logits, embedding = session.run(["logits", "embedding"], {"images": batch})
+        logits, embedding, features = session.run(["logits", "embedding", "features"], {"images": batch})
         assert logits.shape == (n, 1000) and embedding.shape == (n, 2048)
         with torch.no_grad():
-            ref_logits, ref_emb = reference(torch.from_numpy(batch))
-        err = rel_err(logits, ref_logits.numpy()), rel_err(embedding, ref_emb.numpy())
-        print(f"\nORT vs torch at batch {n}: rel logits {err[0]:.2e}, rel embedding {err[1]:.2e}")
+            ref_logits, ref_emb, ref_features = reference(torch.from_numpy(batch))
+        err = (rel_err(logits, ref_logits.numpy()), rel_err(embedding, ref_emb.numpy()),
+               rel_err(features, ref_features.numpy()))  # fmt: skip
+        print(f"\nORT vs torch at batch {n}: rel logits {err[0]:.2e}, embedding {err[1]:.2e}, features {err[2]:.2e}")
         assert max(err) <= 1e-4
+        assert np.abs(features.mean(axis=(2, 3)) - embedding).max() <= 1e-5 * np.abs(embedding).max()
 
 
 # --- fusion -------------------------------------------------------------------------------------------------------
@@ -213,8 +217,8 @@ def test_fused_graph_has_less_glue(radix: int) -> None:
 def test_broken_fusion_fails_parity_and_writes_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_fuse = export.pipeline.fuse
 
-    def broken_fuse(model: models.ResNeSt) -> FusedResNeSt:
-        fused = real_fuse(model)
+    def broken_fuse(model: models.ResNeSt, feature_map: bool = False) -> FusedResNeSt:
+        fused = real_fuse(model, feature_map)
         sa = next(m for m in fused.modules() if isinstance(m, FusedSplitAttn))
         order = torch.arange(sa.fc2.weight.shape[0]).flip(0)  # attention logits in the wrong channel order
         with torch.no_grad():
@@ -249,7 +253,7 @@ def test_fp16_export(tmp_path: Path) -> None:
     constants = [a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
     assert not [t.name for t in constants if t.data_type in floats]
     assert [v.type.tensor_type.elem_type for v in model.graph.input] == [onnx.TensorProto.FLOAT]
-    assert [v.type.tensor_type.elem_type for v in model.graph.output] == [onnx.TensorProto.FLOAT] * 2
+    assert [v.type.tensor_type.elem_type for v in model.graph.output] == [onnx.TensorProto.FLOAT] * 3
     report = json.loads(result.report_path.read_text())
     print_worst("fp16 parity worst", report["worst"])
     assert report["passed"] is True and report["precision"] == "fp16"
@@ -259,7 +263,7 @@ def test_fp16_export(tmp_path: Path) -> None:
     card = ModelCard.from_metadata(metadata(result.path)[0])
     assert card.precision == "fp16" and card.parity["passed"] is True
     session = ort.InferenceSession(str(result.path), providers=CPU)
-    logits, embedding = session.run(None, {"images": np.zeros((2, 3, SIZE, SIZE), np.float32)})
+    logits, embedding, _ = session.run(None, {"images": np.zeros((2, 3, SIZE, SIZE), np.float32)})
     assert logits.dtype == np.float32 and logits.shape == (2, 1000) and embedding.shape == (2, 2048)
 
 

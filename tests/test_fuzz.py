@@ -32,7 +32,7 @@ from modelcard import PreprocessConfig
 from service.core.settings import Settings
 from service.http.app import create_app
 from tests.conftest import jpeg
-from tests.fakes import FakeModel
+from tests.fakes import ExplainableFake
 
 CFG = PreprocessConfig(32, 36, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 MAX_PIXELS = 1_000_000  # a mutated header may claim any size: keep what the fuzzer may decode small
@@ -206,7 +206,7 @@ NEVER_200 = {"POST /v2/repository/models/{model_name}/load", "POST /v2/repositor
 
 def test_api_conforms_to_its_openapi_schema_under_generated_requests() -> None:
     settings = Settings(model_path="unused.onnx", max_batch_size=4, max_images_per_request=4)  # type: ignore[arg-type]
-    app = create_app(settings, model=FakeModel())
+    app = create_app(settings, model=ExplainableFake())  # /explain needs a feature map to reach its 200s
     served = {"model_name": settings.single_model_name(), "model_version": 1}
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     statuses: dict[str, Counter[int]] = {}
@@ -227,7 +227,7 @@ def test_api_conforms_to_its_openapi_schema_under_generated_requests() -> None:
                 fuzz_operation(
                     operation, schemathesis.GenerationMode.POSITIVE, statuses[label], 6, path_parameters=names, **body
                 )
-            elif operation.method.upper() == "POST" and label.split()[1] in ("/classify", "/embed"):
+            elif operation.method.upper() == "POST" and label.split()[1] in ("/classify", "/embed", "/explain"):
                 # Generated binary strings are never images; real ones reach the 200 answers and their schemas.
                 body = {"images": [jpeg(), jpeg(size=(40, 50), color=(10, 200, 90))]}
                 fuzz_operation(

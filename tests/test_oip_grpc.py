@@ -82,7 +82,7 @@ def test_health_metadata_and_config_over_grpc(server: ServerProcess, client: tg.
     model = client.get_model_metadata("tiny", headers=dict(BEARER), as_json=True)
     http_meta = httpx.get(f"{server.url}/v2/models/tiny", headers={"authorization": f"Bearer {KEY}"}).json()
     assert model["inputs"] == [{**t, "shape": [str(d) for d in t["shape"]]} for t in http_meta["inputs"]]
-    assert [o["name"] for o in model["outputs"]] == ["logits", "embedding", "probabilities"]
+    assert [o["name"] for o in model["outputs"]] == ["logits", "embedding", "features", "probabilities"]
     config = client.get_model_config("tiny", headers=dict(BEARER), as_json=True)["config"]
     assert config["max_batch_size"] == 8 and config["backend"] == "onnxruntime"
     assert config["input"][0] == {"name": "images", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",

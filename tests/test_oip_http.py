@@ -100,7 +100,7 @@ def test_metadata_config_and_readiness_describe_each_model(server) -> None:  # t
     assert tiny["versions"] == ["1", "2"] and tiny["platform"] == "onnx_onnxv1"
     assert {t["name"]: t["shape"] for t in tiny["inputs"]} == {"images": [-1, 3, 64, 64], "image_bytes": [-1, 1]}
     assert {t["name"]: t["shape"] for t in tiny["outputs"]} == {
-        "logits": [-1, 1000], "embedding": [-1, 2048], "probabilities": [-1, 1000]
+        "logits": [-1, 1000], "embedding": [-1, 2048], "features": [-1, 2048, 2, 2], "probabilities": [-1, 1000]
     }  # fmt: skip
     digits = client.get_model_metadata("digits", "1", headers=auth())
     assert {t["name"]: t["shape"] for t in digits["outputs"]}["logits"] == [-1, 10]

@@ -150,6 +150,41 @@ def test_page_shows_what_the_api_answers(server_factory, tiny_onnx: Path, browse
             assert bar.endswith("px")
         assert card.find_element("tag name", "img").get_attribute("alt") == result["filename"]
 
+    # Heatmaps: a class's toggle shows /explain's overlay for that image and class over the image, byte for byte
+    # what the API gives; another class's replaces it; pressing the shown one again brings the photograph back.
+    first = cards[0]
+    img = first.find_element("tag name", "img")
+    preview = img.get_attribute("src")
+    toggles = first.find_elements("css selector", "li.prediction button.explain")
+    assert len(toggles) == 3 and all(t.get_attribute("aria-pressed") == "false" for t in toggles)
+    for row_index in (1, 0):
+        toggles[row_index].click()
+        index = first.find_elements("css selector", "li.prediction")[row_index].get_attribute("data-index")
+        wait_for(browser, lambda _, index=index: img.get_attribute("data-heatmap") == index)
+        assert [t.get_attribute("aria-pressed") for t in toggles] == ["true" if i == row_index else "false"
+                                                                      for i in range(3)]  # fmt: skip
+        # The picture as the browser decoded it: its size, and the pixels of a 32 x 32 square in its middle.
+        width, height, pixels = browser.execute_script(
+            "const img = arguments[0], c = document.createElement('canvas');"
+            "c.width = img.naturalWidth; c.height = img.naturalHeight;"
+            "const g = c.getContext('2d'); g.drawImage(img, 0, 0);"
+            "const x = Math.floor(c.width / 2) - 16, y = Math.floor(c.height / 2) - 16;"
+            "return [c.width, c.height, Array.from(g.getImageData(x, y, 32, 32).data)];",
+            img,
+        )
+        want = httpx.post(f"{server.url}/explain", params={"class": index, "format": "png", "max_side": 512},
+                          files=files_for(photo_files[:1]), timeout=60)  # fmt: skip
+        assert want.status_code == 200
+        overlay = np.asarray(Image.open(io.BytesIO(want.content)).convert("RGBA"), dtype=np.int64)
+        assert (width, height) == (overlay.shape[1], overlay.shape[0])
+        x, y = width // 2 - 16, height // 2 - 16
+        got = np.asarray(pixels, dtype=np.int64).reshape(32, 32, 4)
+        assert np.abs(got - overlay[y : y + 32, x : x + 32]).max() <= 1
+        assert "where the model found" in img.get_attribute("alt")
+    toggles[0].click()
+    wait_for(browser, lambda _: img.get_attribute("data-heatmap") is None)
+    assert img.get_attribute("src") == preview and img.get_attribute("alt") == PHOTOS[0]
+
     # Timings: the server's figures from the response headers, and the request id.
     timings = {
         t.get_attribute("data-timing"): t.get_attribute("data-value")

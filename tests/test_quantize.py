@@ -300,7 +300,7 @@ def test_int8_export_writes_a_qdq_graph_with_float_interface_and_its_record(tiny
 def test_int8_graph_runs_on_the_cpu_ep_at_any_batch(tiny_int8: ExportResult) -> None:
     session = ort.InferenceSession(str(tiny_int8.path), providers=["CPUExecutionProvider"])
     batch = int8.heldout_set().inputs(models.get_variant("resnest14d").data.with_overrides(input_size=SIZE))[:5]
-    logits, emb = session.run(None, {"images": batch})
+    logits, emb = session.run(["logits", "embedding"], {"images": batch})
     assert logits.shape == (5, 1000) and emb.shape == (5, 2048) and logits.dtype == np.float32
     one = session.run(None, {"images": batch[:1]})[0]
     np.testing.assert_allclose(one, logits[:1], rtol=1e-5, atol=1e-5)  # per-tensor scales: batch-independent

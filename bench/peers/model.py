@@ -25,7 +25,7 @@ class PeerModel:
     def top(self, blobs: list[bytes]) -> list[list[tuple[int, str, float]]]:
         """Encoded images -> per image, the top 5 (index, label, probability), best first."""
         batch = np.stack([preprocess(b, self.card.preprocess, MAX_PIXELS) for b in blobs])
-        logits, _ = self.session.run(None, {"images": batch})
+        (logits,) = self.session.run(["logits"], {"images": batch})
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
         best = np.argsort(-probabilities, axis=1)[:, :TOP]

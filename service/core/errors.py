@@ -32,6 +32,12 @@ ERRORS: dict[str, ErrorKind] = {
     "no_classifier": ErrorKind(
         400, "INVALID_ARGUMENT", "this model has no classifier (a headless backbone): it serves POST /embed only"
     ),
+    "no_feature_map": ErrorKind(
+        400,
+        "INVALID_ARGUMENT",
+        "this model file has no feature map output (it was exported before class activation maps): export it "
+        "again with this project's `python -m export` to explain its answers",
+    ),
     "unauthorized": ErrorKind(401, "UNAUTHENTICATED", "a valid API key is required: Authorization: Bearer <key>"),
     "model_control_disabled": ErrorKind(
         403,

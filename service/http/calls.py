@@ -23,11 +23,14 @@ def http_call(request: Request) -> Call:
     return Call(record_of(request.scope), gone=lambda: _client_gone(request))
 
 
-async def run_uploads(request: Request, state: ServiceState, served: ServedModel, images: list[UploadFile]) -> Outputs:
-    """Multipart uploads (/classify, /embed): a declared type we do not decode is a 415 before any is read."""
+async def run_uploads(
+    request: Request, state: ServiceState, served: ServedModel, images: list[UploadFile], features: bool = False
+) -> Outputs:
+    """Multipart uploads (/classify, /embed, /explain): a declared type we do not decode is a 415 before any is
+    read; `features`: the answer needs the feature map too (/explain)."""
     check_media_types([upload.content_type for upload in images])
 
     async def read() -> list[bytes]:
         return [await upload.read() for upload in images]
 
-    return await run_encoded(http_call(request), state, served, read, len(images))
+    return await run_encoded(http_call(request), state, served, read, len(images), features)

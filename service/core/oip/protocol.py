@@ -6,7 +6,9 @@ Every model takes one of two inputs: `images`, FP32 [N, 3, S, S] (UINT8 [N, S, S
 uint8-nhwc input), for clients that preprocess themselves,
 or `image_bytes`, BYTES [N] (or [N, 1]) of encoded image files, decoded and preprocessed exactly as
 /classify does. Outputs: `logits`, `embedding`, and `probabilities` (the softmax /classify scores, computed
-by the service), each optionally as the top k "score:index:label" strings (Triton's classification).
+by the service), each optionally as the top k "score:index:label" strings (Triton's classification); and,
+for models exported with it, `features` FP32 [N, C, h, w], the last feature map that class activation maps
+are computed from, sent only when a request names it (it is 49 times the embedding's size at 224 px).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from modelcard import EMBEDDING, INPUT, LOGITS
+from modelcard import EMBEDDING, FEATURES, INPUT, LOGITS
 from providers import CUDA
 
 from ..errors import ServiceError
@@ -54,9 +56,14 @@ def server_metadata() -> dict[str, Any]:
 
 
 def output_names(served: ServedModel) -> list[str]:
-    """The model's outputs; `probabilities` only where it has a classifier."""
+    """The model's outputs; `probabilities` only where it has a classifier, `features` where its file has it."""
     card = served.model.card
     return [*card.outputs, PROBABILITIES] if card.has_classifier else list(card.outputs)
+
+
+def default_outputs(served: ServedModel) -> list[str]:
+    """What a request that names no outputs gets: all but the feature map, which only a request naming it pays."""
+    return [name for name in output_names(served) if name != FEATURES]
 
 
 def image_tensor(served: ServedModel) -> tuple[str, list[int]]:
@@ -74,8 +81,9 @@ def tensor_meta(served: ServedModel) -> tuple[list[dict[str, Any]], list[dict[st
         {"name": TENSOR_INPUT, "datatype": datatype, "shape": [-1, *shape]},
         {"name": BYTES_INPUT, "datatype": BYTES, "shape": [-1, 1]},
     ]
-    widths = {LOGITS: card.num_classes, PROBABILITIES: card.num_classes, EMBEDDING: card.embedding_dim}
-    outputs = [{"name": n, "datatype": "FP32", "shape": [-1, widths[n]]} for n in output_names(served)]
+    shapes = {LOGITS: [card.num_classes], PROBABILITIES: [card.num_classes], EMBEDDING: [card.embedding_dim],
+              FEATURES: list(card.feature_map or ())}  # fmt: skip
+    outputs = [{"name": n, "datatype": "FP32", "shape": [-1, *shapes[n]]} for n in output_names(served)]
     return inputs, outputs
 
 
@@ -162,8 +170,8 @@ def check_request(request: InferRequest, served: ServedModel) -> tuple[str, Any]
         if unknown := asked - set(output_names(served)):
             raise ProtocolError(f"unknown output(s) {sorted(unknown)}; this model has {output_names(served)}")
         for spec in request.outputs or ():
-            if spec.classification and spec.name == EMBEDDING:
-                raise ProtocolError("classification applies to 'logits' or 'probabilities', not 'embedding'")
+            if spec.classification and spec.name in (EMBEDDING, FEATURES):
+                raise ProtocolError(f"classification applies to 'logits' or 'probabilities', not {spec.name!r}")
     except ProtocolError as exc:
         raise ServiceError(exc.code, str(exc)) from None
     return kind, data
@@ -175,9 +183,11 @@ def select_outputs(request: InferRequest, served: ServedModel, out: Outputs) -> 
     arrays = {LOGITS: out.logits, EMBEDDING: out.embedding}
     if card.has_classifier:
         arrays[PROBABILITIES] = softmax(out.logits)
+    if out.features is not None:
+        arrays[FEATURES] = out.features
     if request.outputs is None:
         return [
-            OutputTensor(n, "FP32", arrays[n].shape, arrays[n], request.binary_default) for n in output_names(served)
+            OutputTensor(n, "FP32", arrays[n].shape, arrays[n], request.binary_default) for n in default_outputs(served)
         ]
     tensors = []
     for spec in request.outputs:
@@ -195,14 +205,15 @@ async def infer(
     call: Call, state: ServiceState, served: ServedModel, request: InferRequest, kind: str, data: Any
 ) -> tuple[list[OutputTensor], Outputs]:
     """One checked inference request through the shared request path; its output tensors and timings."""
+    features = any(spec.name == FEATURES for spec in request.outputs or ())
     if kind == TENSOR_INPUT:
-        out = await run_tensors(call, state, served, data)
+        out = await run_tensors(call, state, served, data, features)
     else:
 
         async def files() -> list[bytes]:
             return data  # type: ignore[no-any-return]
 
-        out = await run_encoded(call, state, served, files, len(data))
+        out = await run_encoded(call, state, served, files, len(data), features)
     with state.tracing.stage(call.record, "postprocess"):
         return select_outputs(request, served, out), out
 

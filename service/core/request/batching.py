@@ -1,9 +1,10 @@
 """Dynamic batching: one task owns a bounded queue of images and feeds the model batch after batch.
 
 Batch size counts images, not requests, so a request with several images may span batches, and /classify
-and /embed share batches (one forward yields both outputs). Work queued while a batch runs goes out as soon
-as that batch returns; `max_delay` is waited only when the worker was idle, to let a batch fill. Inference
-runs on one dedicated thread so the event loop keeps answering (health checks included).
+and /embed share batches (one forward yields both outputs); a batch holding a request that asks for the
+feature map (/explain) fetches it too, for every image of that batch, and only then. Work queued while a
+batch runs goes out as soon as that batch returns; `max_delay` is waited only when the worker was idle, to
+let a batch fill. Inference runs on one dedicated thread so the event loop keeps answering (health checks included).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class Ticket:
     queue_wait: float | None = None  # submit -> start of its first batch
     inference_time: float = 0.0  # summed over the batches it took part in
     batches: int = 0
+    features: bool = False  # the request needs the last feature map (class activation maps)
+    feature_maps: np.ndarray | None = None
     # Tracing only (None or 0 otherwise): the request span's context, for its batches to link to; the wall
     # clock (ns) at the start of its first batch and the end of its last; the spans of those batches.
     trace: Any = None
@@ -211,10 +214,16 @@ class Batcher:
         return Reservation(self, size)
 
     def submit(
-        self, arrays: Sequence[np.ndarray], timeout: float, reservation: Reservation | None = None, trace: Any = None
+        self,
+        arrays: Sequence[np.ndarray],
+        timeout: float,
+        reservation: Reservation | None = None,
+        trace: Any = None,
+        features: bool = False,
     ) -> Ticket:
         """Queue a request's images at once (into its reservation, if it holds one), or raise QueueFull /
-        BatcherStopped without queueing any. `trace`: the request span's context, when it is traced."""
+        BatcherStopped without queueing any. `trace`: the request span's context, when it is traced;
+        `features`: the request needs the feature map too (ticket.feature_maps once answered)."""
         if reservation is not None:
             reservation.release()
         if self._closed or not self.alive:
@@ -223,7 +232,8 @@ class Batcher:
             raise QueueFull(self.retry_after(len(self._queue) + self._reserved + len(arrays)))
         loop = asyncio.get_running_loop()
         now = loop.time()
-        ticket = Ticket(len(arrays), now, now + timeout, loop.create_future(), remaining=len(arrays), trace=trace)
+        ticket = Ticket(len(arrays), now, now + timeout, loop.create_future(), remaining=len(arrays), trace=trace,
+                        features=features)  # fmt: skip
         self._queue.extend(_Item(ticket, i, a) for i, a in enumerate(arrays))
         self.observer.on_queue_depth(len(self._queue))
         self._wake.set()
@@ -334,8 +344,9 @@ class Batcher:
         try:
             # Stacking runs on the inference thread too, inside the try: a batch that cannot be stacked (rows
             # of another shape) fails its own requests, and the worker goes on to the next.
-            self._call = self._executor.submit(self._infer, [item.array for item in items], padded)
-            logits, embedding = await asyncio.wrap_future(self._call)
+            features = any(ticket.features for ticket in tickets)
+            self._call = self._executor.submit(self._infer, [item.array for item in items], padded, features)
+            logits, embedding, maps = await asyncio.wrap_future(self._call)
         except Exception:
             log.exception("inference failed on a batch of %d image(s); failing only its requests", len(items))
             for ticket in tickets:
@@ -361,6 +372,10 @@ class Batcher:
                 ticket.embedding = np.empty((ticket.size, embedding.shape[1]), dtype=np.float32)
             ticket.logits[item.index] = logits[i]
             ticket.embedding[item.index] = embedding[i]  # type: ignore[index]
+            if ticket.features and maps is not None:
+                if ticket.feature_maps is None:
+                    ticket.feature_maps = np.empty((ticket.size, *maps.shape[1:]), dtype=np.float32)
+                ticket.feature_maps[item.index] = maps[i]
             ticket.remaining -= 1
             if ticket.remaining == 0:
                 ticket.future.set_result(None)
@@ -381,17 +396,23 @@ class Batcher:
             if span is not None:
                 ticket.batch_spans.append(span)
 
-    def _infer(self, rows: list[np.ndarray], padded: int) -> tuple[np.ndarray, np.ndarray]:
-        """On the inference thread: the batch in the model's input dtype (uint8 stays uint8), padding rows zero.
+    def _infer(
+        self, rows: list[np.ndarray], padded: int, features: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """On the inference thread: the batch in the model's input dtype (uint8 stays uint8), padding rows zero;
+        (logits, embedding, the feature map where `features` asks for it, else None).
 
         A model that lends `input_buffer(n)` (OrtModel with IO binding) holds itself for the block, so its
         reused host buffer of the shape (pinned on CUDA) is written once, where the copy to the device reads
-        it, and run before any other batch can touch it.
+        it, and run before any other batch can touch it. A batch that needs the feature map runs the model's
+        plain path, which fetches it (rare: only /explain and OIP requests that name it ask).
         """
         dtype = np.dtype(np.uint8) if rows[0].dtype == np.uint8 else np.dtype(np.float32)
+        if features:
+            return self.model.infer_features(stack(rows, padded, rows[0].shape, dtype))  # type: ignore[attr-defined]
         lend = getattr(self.model, "input_buffer", None)
         with lend(padded) if lend is not None else contextlib.nullcontext() as buffer:
-            return self.model.infer(stack(rows, padded, rows[0].shape, dtype, buffer))
+            return (*self.model.infer(stack(rows, padded, rows[0].shape, dtype, buffer)), None)
 
     def _fail_all(self, exc: Exception) -> None:
         for item in self._queue:

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from modelcard import EMBEDDING, INPUT, LOGITS, ModelCard, ModelCardError
+from modelcard import EMBEDDING, FEATURES, INPUT, LOGITS, ModelCard, ModelCardError
+from modelcard.cam import ClassifierHead, ClassifierHeadError
 from providers import CPU, CUDA, CudaProbe, describe, probe_cuda, quiet_ort, required_libraries
 
 from ..settings import Settings
@@ -162,9 +163,13 @@ class OrtModel:
         level = logging.WARNING if probe is not None and probe.available and self.providers[0] != CUDA else logging.INFO
         log.log(level, "%s", describe(self.providers, probe, settings.cuda_device_id))
         try:
-            self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map)
-        except ModelCardError as exc:
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.card = ModelCard.from_metadata(meta)
+            # Class activation maps need the classifier's rows; files without a feature map carry none.
+            self.head = ClassifierHead.from_metadata(meta) if self.card.feature_map is not None else None
+        except (ModelCardError, ClassifierHeadError) as exc:
             raise ModelLoadError(str(exc)) from exc
+        del meta
         self._check_signature()
         self._setup_binding(settings, list(settings.batch_shapes() if shapes is None else shapes), want_graphs,
                             graph_error)  # fmt: skip
@@ -311,7 +316,17 @@ class OrtModel:
             raise ModelLoadError(
                 f"the model card says embedding_dim {card.embedding_dim}, the embedding output is {outputs[EMBEDDING]}"
             )
-        self._outputs: list[str] = list(card.outputs)
+        if card.feature_map is not None:
+            if outputs[FEATURES][1:] != list(card.feature_map):
+                raise ModelLoadError(f"the model card says feature_map {list(card.feature_map)}, the features "
+                                     f"output is {outputs[FEATURES]}")  # fmt: skip
+            if self.head is None or self.head.weight.shape != (card.num_classes, card.embedding_dim):
+                shape = None if self.head is None else self.head.weight.shape
+                raise ModelLoadError(f"the model's classifier record is {shape}, its card says "
+                                     f"({card.num_classes}, {card.embedding_dim}): export the file again")  # fmt: skip
+        # The feature map is fetched only for the batches that ask for it (infer_features): ORT computes it
+        # anyway (the embedding is its mean), but copying it out costs every other batch nothing.
+        self._outputs: list[str] = [name for name in card.outputs if name != FEATURES]
 
     def _check_input(self, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         pre = self.card.preprocess
@@ -326,6 +341,17 @@ class OrtModel:
         self._check_input(images.dtype, images.shape[1:])
         with self._lock:
             return self._run(images, self._slot(len(images)))
+
+    def infer_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits, embedding, features) of one batch, on the plain path (ValueError for a model without a
+        feature map output): only the batches that need class activation maps pay for the copy."""
+        if self.card.feature_map is None:
+            raise ValueError("this model has no feature map output: export it again to explain its answers")
+        self._check_input(images.dtype, images.shape[1:])
+        options = self._plain_options if self._graphs else None
+        with self._lock:
+            logits, embedding, features = self.session.run(list(self.card.outputs), {INPUT: images}, options)
+        return logits, embedding, features
 
     def _run(self, batch: np.ndarray, slot: _Slot | None) -> tuple[np.ndarray, np.ndarray]:
         """Called with the lock held."""

@@ -37,6 +37,7 @@ class Outputs:
     queue_ms: float
     inference_ms: float
     cache: str | None = None  # "hit": every image came from the response cache; "miss"; None: no cache
+    features: np.ndarray | None = None  # the last feature map (N, C, h, w), only where the request asked
 
     def parameters(self) -> dict[str, str]:
         """The OIP response's parameters: whether the response cache answered, when there is one."""
@@ -112,11 +113,17 @@ class ClientTensors(Inputs):
 Read = Callable[[], Awaitable[Inputs]]
 
 
-async def run(call: Call, state: ServiceState, served: ServedModel, count: int, read: Read) -> Outputs:
+async def run(
+    call: Call, state: ServiceState, served: ServedModel, count: int, read: Read, features: bool = False
+) -> Outputs:
     """Admit `count` images into the model's queue, `read` them, take what the response cache holds and make
     input tensors of the rest (decode, or the client's own), batch, and wait for the model. A client that
-    leaves (a disconnect, a cancelled or expired gRPC call) is dropped before its images reach the model."""
-    record, tracing, cache = call.record, state.tracing, state.cache
+    leaves (a disconnect, a cancelled or expired gRPC call) is dropped before its images reach the model.
+
+    `features`: the answer needs the last feature map too (class activation maps; the caller checked that the
+    model has one); the response cache, which holds no feature maps, is passed by."""
+    record, tracing = call.record, state.tracing
+    cache = None if features else state.cache
     record.images = count  # for the access record, also on failure
     record.model, record.model_version = served.name, served.version
     batcher = served.batcher
@@ -137,7 +144,8 @@ async def run(call: Call, state: ServiceState, served: ServedModel, count: int, 
             arrays = await inputs.tensors(state, served, missing) if missing else []
         if arrays:
             timeout = call.timeout(state.settings.request_timeout_s)
-            ticket = batcher.submit(arrays, timeout=timeout, reservation=reservation, trace=tracing.context_of(record))
+            ticket = batcher.submit(arrays, timeout=timeout, reservation=reservation, trace=tracing.context_of(record),
+                                    features=features)  # fmt: skip
             submitted_ns = time.time_ns() if record.span is not None else 0
     except BatcherStopped:
         raise stopped(served, state.draining) from None
@@ -161,7 +169,7 @@ async def run(call: Call, state: ServiceState, served: ServedModel, count: int, 
         if len(missing) < count:  # some images came from the cache: the answer holds all of them, in order
             logits, embedding = _merge(cached, missing, logits, embedding)
     out = Outputs(logits, embedding, preprocess_ms, (ticket.queue_wait or 0.0) * 1000, ticket.inference_time * 1000,
-                  record.cache)  # fmt: skip
+                  record.cache, ticket.feature_maps)  # fmt: skip
     record.queue_ms, record.inference_ms = round(out.queue_ms, 2), round(out.inference_ms, 2)
     return out
 
@@ -206,17 +214,24 @@ def _merge(
 
 
 async def run_encoded(
-    call: Call, state: ServiceState, served: ServedModel, read: Callable[[], Awaitable[Sequence[bytes]]], count: int
+    call: Call,
+    state: ServiceState,
+    served: ServedModel,
+    read: Callable[[], Awaitable[Sequence[bytes]]],
+    count: int,
+    features: bool = False,
 ) -> Outputs:
     """`count` encoded image files, read once admitted (`read`), decoded as the model card says."""
 
     async def inputs() -> Inputs:
         return EncodedFiles(await read())
 
-    return await run(call, state, served, count, inputs)
+    return await run(call, state, served, count, inputs, features)
 
 
-async def run_tensors(call: Call, state: ServiceState, served: ServedModel, batch: np.ndarray) -> Outputs:
+async def run_tensors(
+    call: Call, state: ServiceState, served: ServedModel, batch: np.ndarray, features: bool = False
+) -> Outputs:
     """Input tensors a client preprocessed itself, in the model's own input format (checked by the caller)."""
     dtype = np.dtype(served.model.card.preprocess.input_dtype)
     tensors = ClientTensors(np.ascontiguousarray(batch, dtype=dtype))
@@ -224,4 +239,4 @@ async def run_tensors(call: Call, state: ServiceState, served: ServedModel, batc
     async def inputs() -> Inputs:
         return tensors
 
-    return await run(call, state, served, int(batch.shape[0]), inputs)
+    return await run(call, state, served, int(batch.shape[0]), inputs, features)

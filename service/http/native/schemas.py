@@ -39,6 +39,57 @@ class EmbedResponse(BaseModel):
     results: list[Embedding]
 
 
+class ClassMap(BaseModel):
+    height: int
+    width: int
+    min: float
+    max: float
+    values: list[list[float]] = Field(description="the raw map, h x w: its mean plus the class's bias is the logit")
+
+
+class MapPicture(BaseModel):
+    width: int
+    height: int
+    png: str = Field(description="base64 PNG, 16-bit grey: 0 is the map's min, 65535 its max")
+
+
+class ImageMapPicture(MapPicture):
+    original_width: int
+    original_height: int
+    crop_box: list[float] = Field(description="the model's crop in this picture: left, top, right, bottom")
+
+
+class Overlay(BaseModel):
+    width: int
+    height: int
+    media_type: str
+    png: str = Field(description="base64 RGB PNG: the heatmap over the crop the model saw, the rest dimmed")
+
+
+class ClassExplanation(BaseModel):
+    index: int
+    label: str
+    score: float = Field(description="softmax probability, as /classify answers it")
+    logit: float
+    map: ClassMap
+    crop: MapPicture | None = Field(None, description="the map upsampled to the crop the model saw")
+    image: ImageMapPicture | None = Field(None, description="the map upsampled onto the original image")
+    overlay: Overlay | None = None
+
+
+class Explanation(BaseModel):
+    filename: str | None
+    classes: list[ClassExplanation]
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    model_name: str
+    model_version: int
+    feature_map: list[int] = Field(description="channels, height, width of the last feature map")
+    results: list[Explanation] = Field(description="one entry per uploaded image, in upload order")
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
@@ -86,7 +137,12 @@ class ModelInfo(BaseModel):
         "export.labels_file), 'generic' (class_<i>: nobody named the classes), 'none' (headless)"
     )
     labels: list[str] = Field(description="class labels in class-index order")
-    outputs: list[str] = Field(description="the graph's outputs: ['logits', 'embedding'], or ['embedding'] headless")
+    outputs: list[str] = Field(
+        description="the graph's outputs: ['logits', 'embedding', 'features'] (or without 'features', exported "
+        "before class activation maps), or ['embedding'] headless"
+    )
+    explainable: bool = Field(description="whether POST /explain can answer for this model")
+    feature_map: list[int] | None = Field(description="channels, height, width of the features output, or null")
     top_k: TopKLimits | None = Field(description="top_k limits of /classify; null when the model has no classifier")
     max_batch_size: int
     weights: dict[str, Any] = Field(description="checkpoint source and SHA-256, or 'random'")

@@ -8,6 +8,7 @@ const state = {
   apiKey: "",
   files: [],
   previews: [],
+  heatmaps: [], // object URLs of the heatmap overlays shown, revoked with the previews
   busy: false,
   again: false, // a run was asked for while one was in flight: run once more when it ends
   runs: 0, // finished runs, on <body data-runs>: tests and scripts wait on it
@@ -38,11 +39,12 @@ class ApiError extends Error {
   }
 }
 
-async function api(path, { method = "GET", params = {}, body, json, scoped = true } = {}) {
+// `image: true` asks for a picture (the answer's data is then a Blob); errors are JSON either way.
+async function api(path, { method = "GET", params = {}, body, json, scoped = true, image = false } = {}) {
   const query = new URLSearchParams(apiParams(params, scoped)).toString();
   // Relative URLs: the page works behind a proxy that serves it under a path prefix.
   const url = query ? `${path}?${query}` : path;
-  const headers = { Accept: "application/json" };
+  const headers = { Accept: image ? "image/png, application/json" : "application/json" };
   if (json !== undefined) {
     headers["Content-Type"] = "application/json";
     body = JSON.stringify(json);
@@ -58,6 +60,9 @@ async function api(path, { method = "GET", params = {}, body, json, scoped = tru
   const roundTripMs = performance.now() - started;
   const requestId = response.headers.get("x-request-id");
   let data = null;
+  if (image && response.ok) {
+    return { data: await response.blob(), requestId, roundTripMs, headers: response.headers };
+  }
   try {
     data = await response.json();
   } catch {
@@ -299,7 +304,8 @@ async function choose(model, version) {
 // ---- classification ------------------------------------------------------------------------------------
 
 function setFiles(files) {
-  for (const url of state.previews) URL.revokeObjectURL(url);
+  for (const url of [...state.previews, ...state.heatmaps]) URL.revokeObjectURL(url);
+  state.heatmaps = [];
   state.files = Array.from(files);
   state.previews = state.files.map((file) => URL.createObjectURL(file));
   $("run").disabled = state.files.length === 0;
@@ -326,15 +332,64 @@ function showAnswerer(answer, headless) {
   $("headless-note").hidden = !headless;
 }
 
+// Where the model found a class: /explain's heatmap over the image, for the model that answered. One class
+// per image at a time; pressing the shown class again brings the plain image back.
+async function toggleHeatmap(answer, i, p, button) {
+  const card = button.closest(".result");
+  const img = card.querySelector("figure img");
+  const name = answer.results[i].filename || `image ${i + 1}`;
+  const showing = button.getAttribute("aria-pressed") === "true";
+  for (const other of card.querySelectorAll("button.explain")) other.setAttribute("aria-pressed", "false");
+  if (showing) {
+    img.src = state.previews[i];
+    img.alt = name;
+    delete img.dataset.heatmap;
+    return;
+  }
+  clearError();
+  button.disabled = true;
+  try {
+    // The model that answered, where the page names models at all (one model served: the server's choice).
+    const which = state.model ? { model: answer.model_name, version: String(answer.model_version) } : {};
+    const params = { ...which, class: String(p.index), format: "png", max_side: "512" };
+    const overlay = await api("explain", { method: "POST", params, scoped: false, image: true,
+                                           body: formData([state.files[i]]) }); // prettier-ignore
+    const url = URL.createObjectURL(overlay.data);
+    state.heatmaps.push(url);
+    img.src = url;
+    img.alt = `${name}: where the model found ${p.label}`;
+    img.dataset.heatmap = String(p.index);
+    button.setAttribute("aria-pressed", "true");
+  } catch (err) {
+    if (!(err instanceof ApiError)) throw err;
+    showError(err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
 function renderPredictions(answer) {
   const list = $("results");
   list.replaceChildren();
   showAnswerer(answer, false);
+  // Models exported before class activation maps cannot be explained: no heatmap toggles for them.
+  const explainable = Boolean(state.card && state.card.explainable);
   answer.results.forEach((result, i) => {
     const predictions = el("ol", { class: "predictions", "aria-label": `classes of ${result.filename}` });
     for (const p of result.predictions) {
       const bar = el("span", { class: "bar", "aria-hidden": "true" });
       bar.style.setProperty("--score", String(Math.max(0, Math.min(1, p.score))));
+      const toggle = explainable
+        ? el("button", {
+            type: "button",
+            class: "explain",
+            "aria-pressed": "false",
+            "aria-label": `Show where the model found ${p.label} in ${result.filename || `image ${i + 1}`}`,
+            title: `Heatmap: where the model found ${p.label}`,
+            text: "Where?",
+          })
+        : "";
+      if (toggle) toggle.addEventListener("click", () => toggleHeatmap(answer, i, p, toggle));
       predictions.append(
         el(
           "li",
@@ -342,6 +397,7 @@ function renderPredictions(answer) {
           el("span", { class: "label", text: p.label }),
           el("span", { class: "track", "aria-hidden": "true" }, bar),
           el("span", { class: "score", text: percent(p.score), title: String(p.score) }),
+          toggle,
         ),
       );
     }
