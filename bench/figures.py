@@ -633,9 +633,12 @@ def render_peers(result: Json) -> str:
 def render_ab(result: Json) -> str:
     """ab-*: the same checkout with two settings, in alternating turns; the ratio within each round."""
     rows = []
+    two_routes = result.get("before_route", "/classify") != result.get("after_route", "/classify")
     for p in result["comparison"]:
         rate, p50 = p["images_per_s"], p["p50_ms"]
-        rows.append([PROTOCOL_LABELS.get(p["protocol"], p["protocol"]), str(p["concurrency"]),
+        # Two routes compared: the protocol's label would name /classify for both sides.
+        label = "ours, multipart" if two_routes and p["protocol"] == "multipart" else p["protocol"]
+        rows.append([PROTOCOL_LABELS.get(label, label), str(p["concurrency"]),
                      f"{rate['before']:.1f}", f"{rate['after']:.1f}", f"{rate['ratio']:.3f}",
                      f"{rate['before_spread']:.3f}", f"{p50['before']:.1f}", f"{p50['after']:.1f}",
                      f"{p50['ratio']:.3f}", f"{p['errors']['before']} / {p['errors']['after']}"])  # fmt: skip
@@ -696,6 +699,7 @@ RENDERERS: dict[str, Callable[[Json], str]] = {
     "ab-cache-cpu": render_ab,
     "ab-feature-map-cpu": render_ab,
     "ab-explain-cpu": render_ab,
+    "ab-explain-maps-cpu": render_ab,
 }
 
 

@@ -22,6 +22,7 @@ import json
 import random
 import struct
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -75,10 +76,13 @@ def _sender(
         return chosen
 
     if protocol == "multipart":
+        # A route may carry its own query (/explain?pictures=false): httpx's params= would replace it, not add.
+        path, _, query = route.partition("?")
+        params = {**dict(urllib.parse.parse_qsl(query)), "top_k": classes}
 
         async def send(i: int) -> str:
             files = [("images", (f"{i}-{j}.jpg", b, "image/jpeg")) for j, b in enumerate(blobs(i))]
-            response = await http.post(route, files=files, params={"top_k": classes})
+            response = await http.post(path, files=files, params=params)
             return "ok" if response.status_code == 200 else str(response.status_code)
 
         return send

@@ -73,21 +73,25 @@ def jet(unit: np.ndarray) -> np.ndarray:
     return np.clip(1.5 - np.abs(x - centres), 0.0, 1.0).astype(np.float32)
 
 
+# The jet map of each 8-bit level, for the overlay: one table lookup per pixel instead of float arithmetic.
+_JET_LUT = np.round(jet(np.linspace(0.0, 1.0, 256, dtype=np.float32)) * 255).astype(np.uint16)
+
+
 def fit(width: int, height: int, max_side: int) -> float:
     """The factor that scales width x height down to fit max_side (1.0 when it already fits)."""
     return min(1.0, max_side / max(width, height))
 
 
-def overlay_png(image: Image.Image, unit_on_image: np.ndarray, region: Region, alpha: float = 0.5) -> bytes:
-    """The heatmap blended over the (already scaled) RGB image inside the model's crop; outside it, the image
-    dimmed by half, since the model never saw that part."""
-    rgb = np.asarray(image, dtype=np.float32) / 255.0
-    heat = jet(unit_on_image)
-    inside = np.zeros(unit_on_image.shape, dtype=bool)
+def overlay_png(image: Image.Image, unit_on_image: np.ndarray, region: Region) -> bytes:
+    """The heatmap blended half and half over the (already scaled) RGB image inside the model's crop; outside
+    it, the image dimmed by half, since the model never saw that part. Integer arithmetic on 8-bit pixels."""
+    rgb = np.asarray(image, dtype=np.uint16)
+    heat = _JET_LUT[np.round(unit_on_image * 255).astype(np.uint8)]
+    out = rgb >> 1
     top, bottom, left, right = _pixels(region)
-    inside[top:bottom, left:right] = True
-    blended = np.where(inside[..., None], (1 - alpha) * rgb + alpha * heat, 0.5 * rgb)
-    return _png(Image.fromarray(np.round(blended * 255).astype(np.uint8)))
+    inside = (slice(max(0, top), bottom), slice(max(0, left), right))
+    out[inside] = (rgb[inside] + heat[inside]) >> 1
+    return _png(Image.fromarray(out.astype(np.uint8)))
 
 
 def map_on_image(cam: np.ndarray, width: int, height: int, region: Region) -> np.ndarray:

@@ -268,7 +268,7 @@ def test_int8_export_writes_a_qdq_graph_with_float_interface_and_its_record(tiny
     model = onnx.load(str(tiny_int8.path))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and "Shape" not in ops
-    assert [o.name for o in model.graph.output] == ["logits", "embedding"]
+    assert [o.name for o in model.graph.output] == ["logits", "embedding", "features"]
     for value in [*model.graph.input, *model.graph.output]:
         assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     weights = {i.name: (i.data_type, len(i.dims)) for i in model.graph.initializer}
