@@ -3,6 +3,7 @@
 #   export       torch + the exporter; builds /models/model.onnx (+ model.parity.json) from the build args
 #   runtime-cpu  the service on ONNX Runtime's CPU provider: no torch, non-root, model baked in
 #   runtime-gpu  the same on CUDA 13 + cuDNN 9 (what onnxruntime-gpu 1.31 is built against)
+#   batch        the offline job (`resnest-batch`) on Ray's own image, for KubeRay (deploy/kuberay/)
 # Examples:
 #   docker build --target runtime-cpu -t resnest-serve:cpu .
 #   docker build --target runtime-gpu -t resnest-serve:gpu \
@@ -12,6 +13,8 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
+# The Ray release the `batch` extra pins: KubeRay's head and workers must all run the same one.
+ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
 
 # ---------------------------------------------------------------------------------------------------------------
 # The project as a wheel, built once: the runtime stages install it without copying the source tree or needing
@@ -26,6 +29,8 @@ COPY imaging imaging
 COPY providers providers
 COPY export export
 COPY service service
+# The batch job ships in the same wheel; Ray comes only with its extra (`.[batch]`), never in these images.
+COPY batch batch
 RUN --mount=type=cache,target=/root/.cache/pip pip wheel --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,3 +105,12 @@ EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 CMD ["python", "/usr/local/bin/resnest-healthcheck", "/healthz"]
 STOPSIGNAL SIGTERM
 CMD ["resnest-serve"]
+
+# ---------------------------------------------------------------------------------------------------------------
+# The batch job on Ray's image (ray, its CLI and what KubeRay's probes run are there); the project's wheel with
+# its `batch` extra on top, the model baked in as in the runtimes. The serving images never get Ray.
+FROM ${RAY_IMAGE} AS batch
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+RUN --mount=type=cache,target=/home/ray/.cache/pip,uid=1000 --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install "$(ls /wheels/*.whl)[batch]"
+COPY --from=export /models /models

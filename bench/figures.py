@@ -684,6 +684,29 @@ def render_ab(result: Json) -> str:
     return "\n".join(lines)
 
 
+def render_batch(result: Json) -> str:
+    """batch-*: the offline job beside the raw session's ceiling and the service's multipart route."""
+    top = result["ceiling"]
+    ceiling_rate = top["images_per_s"]
+    rows = [[f"raw ONNX Runtime session, batch {top['best_batch']} (preprocessed tensors, no decoding)",
+             f"{ceiling_rate:.1f}", "1.00"]]  # fmt: skip
+    for run in result["jobs"]:
+        rate = run["steady_images_per_s"]
+        rows.append([f"`resnest-batch --batch-size {run['batch_size']}`, steady (decode, infer, write Parquet)",
+                     f"{rate:.1f}", f"{rate / ceiling_rate:.2f}"])  # fmt: skip
+    service = result["service"]
+    rows.append(["the service, `POST /classify`, 16 clients", f"{service['images_per_s']:.1f}",
+                 f"{service['images_per_s'] / ceiling_rate:.2f}"])  # fmt: skip
+    lines = [
+        machine_line(result),
+        "",
+        f"{result['images']} JPEG files of 500 px, `{Path(result['model']).name}`, one model actor on a local Ray:",
+        "",
+        *table(["what", "img/s", "of the ceiling"], rows),
+    ]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[Json], str]] = {
     "model-cpu": render_model,
     "serving-cpu": render_serving,
@@ -700,6 +723,7 @@ RENDERERS: dict[str, Callable[[Json], str]] = {
     "ab-feature-map-cpu": render_ab,
     "ab-explain-cpu": render_ab,
     "ab-explain-maps-cpu": render_ab,
+    "batch-cpu": render_batch,
 }
 
 

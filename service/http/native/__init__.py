@@ -1,1 +1,1 @@
-"""The service's own HTTP API: /classify and /embed (multipart uploads), /model, health, metrics."""
+"""The service's own HTTP API: /classify, /embed and /explain (multipart uploads), /model, health, metrics."""
