@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -51,4 +50,3 @@ def test_the_job_spreads_over_a_two_node_cluster(tiny_onnx: Path, tmp_path: Path
     for node, share in worked.items():
         assert share["inferred"] > 0 and share["decoded"] > 0, (node, share)
     assert sum(s["inferred"] for s in worked.values()) == sum(s["decoded"] for s in worked.values()) == 48
-    assert sys.executable  # the nodes run this interpreter, whose environment has the project installed
