@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=5, help="classes per image (capped at the model's classes)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise embeddings (as /embed?normalize=true)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per model call")
+    # Offline, throughput is all: 32 measured ahead of 16 (bench/results/batch-cpu.json).
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
     p.add_argument("--workers", type=int, default=1, help="model actors (one ONNX Runtime session each)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs each model actor reserves")
     p.add_argument(

@@ -49,7 +49,7 @@ class JobConfig:
     task: str | None = None  # None: both for a classifier, embed for a headless model
     top_k: int = 5
     normalize: bool = False
-    batch_size: int = 16
+    batch_size: int = 32
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
