@@ -2,11 +2,14 @@
 as soon as the previous answer arrives, like Triton's perf_analyzer in concurrency mode.
 
     python -m bench.loadgen --url http://127.0.0.1:8000 --concurrency 16 --images 1 --duration 20 --warmup 5 \\
-        --photos DIR [--protocol multipart|oip-json|oip-binary|grpc --model NAME --grpc-target HOST:PORT]
+        --photos DIR [--protocol multipart|oip-json|oip-binary|grpc --model NAME --grpc-target HOST:PORT] \\
+        [--client lean|httpx]
 
 Every protocol sends the same encoded JPEGs and asks for the same answer, the top 5 classes: multipart
 /classify (top_k 5), or the OIP's `image_bytes` input with the classification extension on `probabilities`
 (JSON with base64 BYTES, Triton's binary tensors, or gRPC through tritonclient.grpc.aio on one channel).
+Each request is encoded once and reused, and HTTP goes through bench/http1.py's lean client by default: the
+client's CPU is taken from the server it measures (`--client httpx` shows how much).
 
 Prints one JSON object: requests and images completed in the measurement window, their rate, latency
 percentiles, and counts by status (connection errors included). The window opens only once every client
@@ -30,6 +33,12 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from . import forms
+from .forms import content_type
+from .http1 import Connection, ResponseError, request_bytes, target_of
+
+TIMEOUT_S = 600.0  # one request's limit: a closed loop measures slow answers, it does not give up on them
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
@@ -61,37 +70,78 @@ def _oip_body(blobs: list[bytes], binary: bool, classes: int) -> tuple[bytes, di
     return head + raw, {"inference-header-content-length": str(len(head)), "content-type": "application/octet-stream"}
 
 
+class _Http:
+    """The HTTP client the closed loop sends with: the lean one (bench/http1.py; requests encoded once, a
+    keep-alive connection per client) by default, or httpx, as a Python application would call a server."""
+
+    def __init__(self, kind: str, url: str, concurrency: int) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        self.kind, self.host = kind, parsed.netloc
+        self.connections = [Connection(parsed.hostname or "127.0.0.1", parsed.port or 80) for _ in range(concurrency)]
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.httpx = httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S, limits=limits) if kind == "httpx" else None
+
+    async def post(self, worker: int, target: str, headers: dict[str, str], body: bytes) -> int:
+        """POST `body` to `target` (path and query) on `worker`'s connection; the answer's status."""
+        if self.httpx is not None:
+            return (await self.httpx.post(target, content=body, headers=headers)).status_code
+        raw = request_bytes("POST", target, self.host, headers, body)
+        async with asyncio.timeout(TIMEOUT_S):
+            return (await self.connections[worker].request(raw)).status
+
+    async def close(self) -> None:
+        for connection in self.connections:
+            connection.close()
+        if self.httpx is not None:
+            await self.httpx.aclose()
+
+
 def _sender(
-    protocol: str, http: httpx.AsyncClient, grpc_client: Any, route: str, model: str, images: int,
-    photos: list[bytes], classes: int, repeat: float = 1.0,
+    protocol: str, http: _Http, grpc_client: Any, route: str, model: str, images: int, photos: list[bytes],
+    classes: int, concurrency: int, repeat: float = 1.0,
 ) -> Send:  # fmt: skip
     """One protocol's request: the same images and the same answer (the top `classes`) whichever it is.
     `repeat` < 1: that share of requests sends the photographs as they are (which a response cache has seen
-    after their first use), the rest a copy made unique by bytes after the JPEG's end (decoded alike)."""
+    after their first use), the rest a copy made unique by bytes after the JPEG's end (decoded alike).
 
-    def blobs(i: int) -> list[bytes]:
+    Requests are encoded once per distinct set of images and reused, as perf_analyzer prepares its inputs up
+    front: the client's CPU is the server's loss on a shared machine (a unique copy is encoded when sent)."""
+
+    def blobs(i: int) -> tuple[list[bytes], bool]:
         chosen = [photos[(i + j) % len(photos)] for j in range(images)]
         if repeat < 1.0 and random.Random(i).random() >= repeat:
-            chosen = [b + f"unique {i} {j}".encode() for j, b in enumerate(chosen)]
-        return chosen
+            return [b + f"unique {i} {j}".encode() for j, b in enumerate(chosen)], False
+        return chosen, True
 
-    if protocol == "multipart":
-        # A route may carry its own query (/explain?pictures=false): httpx's params= would replace it, not add.
-        path, _, query = route.partition("?")
-        params = {**dict(urllib.parse.parse_qsl(query)), "top_k": classes}
+    def prepared(encode: Callable[[list[bytes]], Any]) -> Callable[[int], Any]:
+        """`encode` of request i's images, kept per distinct set of photographs."""
+        cache: dict[int, Any] = {}
+
+        def get(i: int) -> Any:
+            chosen, reusable = blobs(i)
+            if not reusable:
+                return encode(chosen)
+            key = i % len(photos)
+            if key not in cache:
+                cache[key] = encode(chosen)
+            return cache[key]
+
+        return get
+
+    if protocol in ("multipart", "oip-json", "oip-binary"):
+        if protocol == "multipart":
+            # A route may carry its own query (/explain?pictures=false): top_k is added to it, not put in its place.
+            target = target_of(route, {"top_k": classes})
+            form = {"content-type": content_type()}
+            body_of = prepared(lambda chosen: (forms.images(*chosen), form))
+        else:
+            target = f"/v2/models/{model}/infer"
+            body_of = prepared(lambda chosen: _oip_body(chosen, protocol == "oip-binary", classes))
 
         async def send(i: int) -> str:
-            files = [("images", (f"{i}-{j}.jpg", b, "image/jpeg")) for j, b in enumerate(blobs(i))]
-            response = await http.post(path, files=files, params=params)
-            return "ok" if response.status_code == 200 else str(response.status_code)
-
-        return send
-    if protocol in ("oip-json", "oip-binary"):
-
-        async def send(i: int) -> str:
-            body, headers = _oip_body(blobs(i), protocol == "oip-binary", classes)
-            response = await http.post(f"/v2/models/{model}/infer", content=body, headers=headers)
-            return "ok" if response.status_code == 200 else str(response.status_code)
+            body, headers = body_of(i)
+            status = await http.post(i % concurrency, target, headers, body)
+            return "ok" if status == 200 else str(status)
 
         return send
     if protocol == "grpc":
@@ -101,11 +151,16 @@ def _sender(
         # classes 0: the server's own outputs (a peer without Triton's classification extension).
         outputs = [tga.InferRequestedOutput("probabilities", class_count=classes)] if classes else None
 
-        async def send(i: int) -> str:
+        def tensor_of(chosen: list[bytes]) -> Any:
             tensor = tga.InferInput("image_bytes", [images, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array(blobs(i), dtype=object).reshape(-1, 1))
+            tensor.set_data_from_numpy(np.array(chosen, dtype=object).reshape(-1, 1))
+            return tensor
+
+        inputs = prepared(tensor_of)
+
+        async def send(i: int) -> str:
             try:
-                await grpc_client.infer(model, [tensor], outputs=outputs)
+                await grpc_client.infer(model, [inputs(i)], outputs=outputs)
             except InferenceServerException as exc:
                 return str(exc.status())
             return "ok"
@@ -117,6 +172,7 @@ def _sender(
 async def drive(
     url: str, route: str, concurrency: int, images: int, photos: list[bytes], duration: float, warmup: float,
     protocol: str = "multipart", model: str = "", grpc_target: str = "", classes: int = 5, repeat: float = 1.0,
+    client: str = "lean",
 ) -> dict[str, Any]:  # fmt: skip
     """Run the closed loop and measure one stable window.
 
@@ -132,16 +188,15 @@ async def drive(
     latencies: list[float] = []
     slowest = 0.0  # longest round trip before the window opened
     statuses: Counter[str] = Counter()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    async def client(worker: int, send: Send) -> None:
+    async def client_loop(worker: int, send: Send) -> None:
         nonlocal slowest
         i = worker
         while not window or loop.time() < window[1]:
             sent = loop.time()
             try:
                 status = await send(i)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, ResponseError) as exc:
                 status = type(exc).__name__
                 await asyncio.sleep(0.05)
             i += concurrency
@@ -161,17 +216,19 @@ async def drive(
         import tritonclient.grpc.aio as tga
 
         grpc_client = tga.InferenceServerClient(grpc_target)
+    http = _Http(client, url, concurrency)
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-            send = _sender(protocol, http, grpc_client, route, model, images, photos, classes, repeat)
-            await asyncio.gather(*(client(w, send) for w in range(concurrency)))
+        send = _sender(protocol, http, grpc_client, route, model, images, photos, classes, concurrency, repeat)
+        await asyncio.gather(*(client_loop(w, send) for w in range(concurrency)))
     finally:
+        await http.close()
         if grpc_client is not None:
             await grpc_client.close()
     ok = statuses["ok"]
     length = window[1] - window[0]
     return {
         "protocol": protocol,
+        "client": client if protocol != "grpc" else "tritonclient.grpc.aio",
         "concurrency": concurrency,
         "images_per_request": images,
         "window_s": length,
@@ -200,12 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-target", default="", help="host:port of the gRPC endpoint, for --protocol grpc")
     parser.add_argument("--classes", type=int, default=5, help="top classes asked for (0: the server's outputs)")
     parser.add_argument("--repeat", type=float, default=1.0, help="share of requests repeating an earlier image")
+    parser.add_argument(
+        "--client",
+        default="lean",
+        choices=["lean", "httpx"],
+        help="HTTP client: requests encoded once over keep-alive sockets (bench/http1.py), or httpx",
+    )
     args = parser.parse_args(argv)
     photos = [p.read_bytes() for p in sorted(args.photos.glob("*.jpg"))]
     t0, cpu0 = time.perf_counter(), time.process_time()
     run = drive(
         args.url, args.route, args.concurrency, args.images, photos, args.duration, args.warmup,
-        args.protocol, args.model, args.grpc_target, args.classes, args.repeat,
+        args.protocol, args.model, args.grpc_target, args.classes, args.repeat, args.client,
     )  # fmt: skip
     result = asyncio.run(run)
     result["wall_s"] = time.perf_counter() - t0

@@ -5,7 +5,9 @@
 
 Two measurements of one server (both fronts up, the same 500 px JPEGs, the top 5 classes back):
 
-1. Wall time at one client, per protocol: `--requests` sequential requests from this process, each split into
+1. Wall time at one client, per protocol: `--requests` sequential requests from this process (each encoded
+   before its clock starts; HTTP through bench/http1.py's lean client, gRPC through grpcio; multipart once
+   more through httpx, as a Python application calls it, to show the client's own share), each split into
    the service's own stage timings (preprocess, queue, inference: the X-*-Time-Ms headers and gRPC trailing
    metadata) and what is left of the client's round trip (HTTP or gRPC framing, multipart parsing,
    middleware, routing, hand-offs between the event loop, the decode pool and the inference thread, encoding
@@ -24,6 +26,7 @@ permission to ptrace the server (root, or kernel.yama.ptrace_scope 0).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import shutil
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,8 @@ from typing import Any
 import httpx
 import psutil
 
+from . import forms
+from .http1 import Connection, request_bytes
 from .machine import describe, summary
 from .protocols import MODEL_NAME, point
 from .serving import BENCH_ENV, ROOT, bench_photos, free_port, server
@@ -183,7 +189,9 @@ def _stages(headers: dict[str, str]) -> dict[str, float]:
 def wall_split(url: str, grpc_target: str, photos: list[bytes], protocol: str, requests: int) -> dict[str, Any]:
     """Sequential requests' round trips and the service's stage timings; medians of each, and of the rest."""
     rows: list[dict[str, float]] = []
-    if protocol == "multipart":
+    if protocol == "multipart httpx":
+        # How a Python application calls the route: httpx builds the multipart body and speaks HTTP/1.1 in
+        # Python (h11) inside the round trip; beside the lean client's row, the client's own share of it.
         with httpx.Client(base_url=url, timeout=60) as client:
             for i in range(requests + 10):
                 started = time.perf_counter()
@@ -192,6 +200,26 @@ def wall_split(url: str, grpc_target: str, photos: list[bytes], protocol: str, r
                 total = 1000 * (time.perf_counter() - started)
                 response.raise_for_status()
                 rows.append({"total": total, **_stages(dict(response.headers))})
+    elif protocol == "multipart":
+        # The lean client with each request encoded before its clock starts, as the gRPC side below.
+        parsed = urllib.parse.urlsplit(url)
+        head = {"content-type": forms.content_type()}
+        raws = [request_bytes("POST", "/classify?top_k=5", parsed.netloc, head, forms.images(p)) for p in photos]
+
+        async def sequential() -> None:
+            connection = Connection(parsed.hostname or "127.0.0.1", parsed.port or 80)
+            try:
+                for i in range(requests + 10):
+                    started = time.perf_counter()
+                    response = await connection.request(raws[i % len(raws)])
+                    total = 1000 * (time.perf_counter() - started)
+                    if response.status != 200:
+                        raise RuntimeError(f"/classify answered {response.status}: {response.body[:200]!r}")
+                    rows.append({"total": total, **_stages(response.headers)})
+            finally:
+                connection.close()
+
+        asyncio.run(sequential())
     elif protocol == "grpc":
         import grpc
 
@@ -222,14 +250,9 @@ def wall_split(url: str, grpc_target: str, photos: list[bytes], protocol: str, r
             "median_ms": {k: statistics.median(r[k] for r in rows) for k in rows[0]}}  # fmt: skip
 
 
-def write(result: dict[str, Any], out: Path, tag: str) -> None:
-    """JSON, and Markdown tables of both measurements."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    machine = result["machine"]
-    lines = [f"# Where a request's time goes: {result['model']}", "",
-             summary(machine) + f"; ISA flags: {', '.join(machine.get('cpu_flags', []))}; {machine['date']}", "",
-             f"Wall time at one client, medians of {result['wall'][0]['requests']} sequential requests (ms):", "",
+def tables(result: dict[str, Any]) -> list[str]:
+    """Markdown tables of both measurements (the README renders them too, bench/figures.py)."""
+    lines = [f"Wall time at one client, medians of {result['wall'][0]['requests']} sequential requests (ms):", "",
              "| protocol | round trip | preprocess | queue | inference | outside the stages |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for w in result["wall"]:
@@ -258,6 +281,17 @@ def write(result: dict[str, Any], out: Path, tag: str) -> None:
     lines += ["", f"The event loop's CPU per image by component (ms; its measured CPU shared out by py-spy samples at "
               f"{result['rate']} Hz):", "", *head,
               *rows("event_loop_ms_per_image", [LOOP_NATIVE] + [n for n, _ in COMPONENTS] + ["other"])]  # fmt: skip
+    return lines
+
+
+def write(result: dict[str, Any], out: Path, tag: str) -> None:
+    """JSON, and Markdown tables of both measurements."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    machine = result["machine"]
+    lines = [f"# Where a request's time goes: {result['model']}", "",
+             summary(machine) + f"; ISA flags: {', '.join(machine.get('cpu_flags', []))}; {machine['date']}", "",
+             *tables(result)]  # fmt: skip
     (out / f"profile-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -285,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         photos_dir = Path(tmp) / "photos"
         photos = bench_photos(photos_dir)
         point(url, photos_dir, args.protocols[0], 1, 3, 2, target)  # warm every path once, unmeasured
-        wall = [wall_split(url, target, photos, p, args.requests) for p in args.protocols if p in ("multipart", "grpc")]
+        walled = [q for p in args.protocols for q in {"multipart": ["multipart", "multipart httpx"]}.get(p, [p])]
+        wall = [
+            wall_split(url, target, photos, p, args.requests) for p in walled if p.split()[0] in ("multipart", "grpc")
+        ]
         cpu = [cpu_profile(proc.pid, url, photos_dir, p, c, args.duration, target, args.rate, spy)
                for c in args.concurrency for p in args.protocols]  # fmt: skip
     result = {"model": str(args.model), "machine": describe(), "settings": env, "rate": args.rate,
