@@ -116,6 +116,15 @@ def machine_line(result: Json, torch: bool = False) -> str:
     return f"Machine: {m['cpu']} ({isa(m.get('cpu_flags', []))}), {m['cores']} cores, {gpu}; {libs}; {m['date'][:10]}."
 
 
+def load_generator(result: Json) -> str:
+    """Which client the load generator sent HTTP with (runs before bench/http1.py's lean client used httpx)."""
+    clients = {r.get("client", "httpx") for r in result["rows"] if r.get("protocol") != "grpc"}
+    if clients == {"lean"}:
+        return ("Load generator: HTTP through `bench/http1.py` (each request encoded once, keep-alive sockets), gRPC "
+                "through tritonclient, each from a process of its own on the same cores.")  # fmt: skip
+    return f"Load generator: HTTP through {', '.join(sorted(clients))}, gRPC through tritonclient, on the same cores."
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table, unpadded."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -617,8 +626,9 @@ def render_peers(result: Json) -> str:
         f"`{Path(result['model']).name}`; the raw session's ceiling, measured at the start of each round: {ceilings} "
         f"img/s; single image {result['ceiling']['single_image_ms']:.1f} ms, preprocessing "
         f"{result['preprocess']['ms_per_image']:.2f} ms per image (medians). {result['rounds']} rounds of "
-        f"{result['duration_s']:.0f} s windows, the peers between our rounds; medians over rounds, `x ceiling` "
-        "each round against its own ceiling:",
+        f"{result['duration_s']:.0f} s windows per concurrency, every server in each round; medians over rounds, "
+        "`x ceiling` "
+        f"each round against its own ceiling. {load_generator(result)}",
         "",
         *table(header, rows),
         "",
@@ -707,6 +717,15 @@ def render_batch(result: Json) -> str:
     return "\n".join(lines)
 
 
+def render_profile(result: Json) -> str:
+    """profile-*: one request's time split by stage at one client, and the server's CPU per image by thread."""
+    from .profile import tables
+
+    return "\n".join(
+        [machine_line(result), "", f"`{Path(result['model']).name}`. " + tables(result)[0], *tables(result)[1:]]
+    )
+
+
 RENDERERS: dict[str, Callable[[Json], str]] = {
     "model-cpu": render_model,
     "serving-cpu": render_serving,
@@ -718,12 +737,14 @@ RENDERERS: dict[str, Callable[[Json], str]] = {
     "protocols-cpu": render_protocols,
     "hostile-cpu": render_hostile,
     "protocols-peers-cpu": render_peers,
+    "protocols-int8-cpu": render_peers,
     "ab-tracing-cpu": render_ab,
     "ab-cache-cpu": render_ab,
     "ab-feature-map-cpu": render_ab,
     "ab-explain-cpu": render_ab,
     "ab-explain-maps-cpu": render_ab,
     "batch-cpu": render_batch,
+    "profile-cpu": render_profile,
 }
 
 

@@ -6,28 +6,37 @@ protocol it speaks, in one run, and optionally peers (BentoML, LitServe, MLServe
 
 Protocols: multipart /classify, OIP HTTP JSON (base64 BYTES), OIP HTTP binary (Triton's binary tensors) and OIP
 gRPC (tritonclient.grpc.aio, one channel). Each point is a closed loop from its own load-generator process
-(bench/loadgen.py); the order of protocols rotates every round so drift on a shared machine does not favour
-one. Each --peer (bench/peers: its own virtual environment, adaptive batching of at most 8 images as its
-documentation configures it, decoding inside the batch) is measured between our rounds in its own protocol.
-Results: JSON and markdown under bench/results/, with the machine. The raw session's ceiling and the cost of
-preprocessing are measured again at the start of every round, and each round's figures are read against its
-own ceiling: on a shared machine the speed of the hardware drifts within a run, and a ceiling measured once
-would credit or blame the servers of later rounds for it.
+(bench/loadgen.py). Each --peer (bench/peers: its own virtual environment, adaptive batching of at most 8 images
+as its documentation configures it, decoding inside the batch) is measured in its own protocol.
+
+Every server is started once and stays up for the whole run, with every process under it stopped (SIGSTOP)
+except during its own points (and once it has finished what the load generator left in flight), so an idle
+server takes no CPU (LitServe's workers poll) and no server is measured in a different hour from the others:
+every round measures each server and protocol in turn, at one concurrency, in an order that rotates every
+round, and all rounds at one concurrency come before the next concurrency's, lowest first. The raw session's
+ceiling and the cost of preprocessing are measured again at the start of every round (all servers stopped),
+and each round's figures are read against its own ceiling: on a shared machine the speed of the hardware
+drifts within a run. Results: JSON and markdown under bench/results/, with the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
+import psutil
 
 from modelcard import ModelCard
 
@@ -84,21 +93,93 @@ def ours(model: Path, photos_dir: Path, concurrencies: list[int], order: list[st
     return rows
 
 
-def peer(name: str, venvs: Path, model: Path, photos_dir: Path, folder: Path, concurrencies: list[int],
-         duration: float, warmup: float) -> list[dict[str, Any]]:  # fmt: skip
-    """One peer (bench/peers) on the same file, one JPEG per request, at every concurrency, in its own protocol."""
-    rows = []
-    with serve(name, venvs, model, folder) as running:
-        for c in concurrencies:
-            with Sampler(running.pid) as sampler:
-                # classes 0 over gRPC: MLServer has no classification extension, its runtime answers the top 5.
-                classes = 0 if running.protocol == "grpc" else 5
-                row = point(running.url, photos_dir, running.protocol, c, duration, warmup, running.grpc_target,
-                            classes=classes)  # fmt: skip
-            row.update(sampler.summary(), server=name)
-            rows.append(row)
-            _report(row, f"{name} {running.protocol}")
-    return rows
+def signal_tree(pid: int, signum: int) -> None:
+    """Signal a server and every process under it: not its process group, which a child may leave (BentoML's
+    workers start sessions of their own)."""
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signum)
+
+
+def tree_cpu(pid: int, seconds: float) -> float:
+    """% of a core a server and its processes use over `seconds`."""
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.cpu_percent()
+    time.sleep(seconds)
+    busy = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            busy += proc.cpu_percent()
+    return busy
+
+
+def wait_idle(pid: int, below: float, every: float = 0.25, limit: float = 60.0) -> None:
+    """Return once a server and its processes use less than `below` % of a core over two samples in a row."""
+    quiet, deadline = 0, time.monotonic() + limit
+    while quiet < 2 and time.monotonic() < deadline:
+        quiet = quiet + 1 if tree_cpu(pid, every) < below else 0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server and protocol to measure: the server's process group stays stopped (SIGSTOP) between its turns,
+    so the servers all stay up for the whole run and an idle one (LitServe's workers poll) takes no CPU."""
+
+    server: str  # "ours" or the peer's name
+    protocol: str
+    url: str
+    grpc_target: str
+    pid: int
+    photos_dir: Path
+    idle_cpu: float  # % of a core it uses with nothing to do (LitServe's workers poll)
+    classes: int = 5
+
+    def measure(self, concurrency: int, duration: float, warmup: float) -> dict[str, Any]:
+        """One closed-loop point, the server resumed for it and stopped again afterwards."""
+        signal_tree(self.pid, signal.SIGCONT)
+        try:
+            with Sampler(self.pid) as sampler:
+                row = point(self.url, self.photos_dir, self.protocol, concurrency, duration, warmup,
+                            self.grpc_target, classes=self.classes)  # fmt: skip
+        finally:
+            # Requests the load generator left in flight are finished before the stop: one that spanned it
+            # would teach an adaptive batcher (BentoML's) a latency no client saw, and cost its next turn.
+            wait_idle(self.pid, below=self.idle_cpu + 10.0)
+            signal_tree(self.pid, signal.SIGSTOP)
+        row.update(sampler.summary(), server=self.server)
+        _report(row, self.protocol if self.server == "ours" else f"{self.server} {self.protocol}")
+        return row
+
+
+def start_all(stack: contextlib.ExitStack, model: Path, photos_dir: Path, tmp: Path, settings: dict[str, str],
+              protocols: Sequence[str], peers: Sequence[str], venvs: Path) -> list[Target]:  # fmt: skip
+    """Start this service (both fronts) and every peer once, each stopped until its turn; stopped servers are
+    resumed before `stack` stops them (a stopped process would not act on SIGTERM)."""
+    port, grpc_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**settings, "RESNEST_MODEL_PATH": str(model), "RESNEST_DEFAULT_MODEL": MODEL_NAME,
+           "RESNEST_HOST": "127.0.0.1", "RESNEST_PORT": str(port), "RESNEST_GRPC_PORT": str(grpc_port)}  # fmt: skip
+    targets = []
+    proc = stack.enter_context(server([sys.executable, "-m", "service"], env, url))
+    idle = tree_cpu(proc.pid, 2.0)
+    targets += [Target("ours", p, url, f"127.0.0.1:{grpc_port}", proc.pid, photos_dir, idle) for p in protocols]
+    stack.callback(signal_tree, proc.pid, signal.SIGCONT)
+    signal_tree(proc.pid, signal.SIGSTOP)
+    for name in peers:
+        print(f"starting {name} ...", file=sys.stderr, flush=True)
+        running = stack.enter_context(serve(name, venvs, model, tmp / name))
+        # classes 0 over gRPC: MLServer has no classification extension, its runtime answers the top 5.
+        classes = 0 if running.protocol == "grpc" else 5
+        idle = tree_cpu(running.pid, 2.0)
+        targets.append(Target(name, running.protocol, running.url, running.grpc_target, running.pid, photos_dir,
+                              idle, classes))  # fmt: skip
+        stack.callback(signal_tree, running.pid, signal.SIGCONT)
+        signal_tree(running.pid, signal.SIGSTOP)
+    return targets
 
 
 def _key(row: dict[str, Any]) -> str:
@@ -226,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=4.0, help="unmeasured ramp-up per point (s)")
     parser.add_argument("--ceiling-seconds", type=float, default=6.0)
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
-    parser.add_argument("--peer", nargs="*", default=[], choices=PEERS, help="peers to measure between our rounds")
+    parser.add_argument("--peer", nargs="*", default=[], choices=PEERS, help="peers to measure beside us")
     parser.add_argument("--peers", type=Path, default=ROOT / ".peers", help="their virtual environments (make peers)")
     parser.add_argument("--env", nargs="*", default=[], help="extra RESNEST_X=value settings for our server")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -244,23 +325,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows: list[dict[str, Any]] = []
         ceilings, preprocesses = [], []
-        for round_ in range(args.rounds):
-            print(f"round {round_ + 1}: ceiling ...", file=sys.stderr, flush=True)
-            ceilings.append(ceiling(args.model, photos, [1, 8], args.ceiling_seconds))
-            preprocesses.append(preprocess_cost(photos, card))
-            print(f"  {ceilings[-1]['images_per_s']:.1f} img/s at batch {ceilings[-1]['best_batch']}", file=sys.stderr,
-                  flush=True)  # fmt: skip
-            first = len(rows)
-            shift = round_ % len(args.protocols)
-            order = args.protocols[shift:] + args.protocols[:shift]
-            print(f"round {round_ + 1}: ours ({', '.join(order)}) ...", file=sys.stderr, flush=True)
-            rows += ours(args.model, photos_dir, args.concurrency, order, args.duration, args.warmup, settings)
-            for name in args.peer:
-                print(f"round {round_ + 1}: {name} ...", file=sys.stderr, flush=True)
-                rows += peer(name, args.peers, args.model, photos_dir, Path(tmp) / f"{name}{round_}",
-                             args.concurrency, args.duration, args.warmup)  # fmt: skip
-            for row in rows[first:]:
-                row.update(round=round_, ceiling_images_per_s=ceilings[-1]["images_per_s"])
+        with contextlib.ExitStack() as stack:
+            targets = start_all(stack, args.model, photos_dir, Path(tmp), settings, args.protocols, args.peer,
+                                args.peers)  # fmt: skip
+            # Every round of the lowest concurrency before any of the next: an adaptive batcher that was just
+            # overloaded (BentoML's) serves one client far slower for tens of seconds afterwards.
+            for c in args.concurrency:
+                for round_ in range(args.rounds):
+                    print(f"c={c}, round {round_ + 1}: ceiling ...", file=sys.stderr, flush=True)
+                    ceilings.append(ceiling(args.model, photos, [1, 8], args.ceiling_seconds))
+                    preprocesses.append(preprocess_cost(photos, card))
+                    print(f"  {ceilings[-1]['images_per_s']:.1f} img/s at batch {ceilings[-1]['best_batch']}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    shift = round_ % len(targets)
+                    for target in targets[shift:] + targets[:shift]:
+                        row = target.measure(c, args.duration, args.warmup)
+                        # Rounds are numbered across concurrencies: each has its own ceiling.
+                        rows.append({**row, "round": len(ceilings) - 1,
+                                     "ceiling_images_per_s": ceilings[-1]["images_per_s"]})  # fmt: skip
         best = max(ceilings[0]["images_per_s_by_batch"], key=lambda b: statistics.median(
             c["images_per_s_by_batch"][b] for c in ceilings))  # fmt: skip
         ceil = {

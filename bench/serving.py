@@ -143,6 +143,12 @@ def server(
             time.sleep(0.2)
         yield proc
     finally:
+        # Its descendants, found before it stops: a child in a session of its own (BentoML's workers) is
+        # outside the group and must not outlive it either.
+        try:
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            descendants = []
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -152,6 +158,9 @@ def server(
             proc.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group outlived its leader
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         if log is not None:
             out.close()  # type: ignore[union-attr]
 
