@@ -126,7 +126,7 @@ def wait_idle(pid: int, below: float, every: float = 0.25, limit: float = 60.0) 
 
 @dataclass(frozen=True)
 class Target:
-    """One server and protocol to measure: the server's process group stays stopped (SIGSTOP) between its turns,
+    """One server and protocol to measure: the server's process tree stays stopped (SIGSTOP) between its turns,
     so the servers all stay up for the whole run and an idle one (LitServe's workers poll) takes no CPU."""
 
     server: str  # "ours" or the peer's name
