@@ -721,9 +721,8 @@ def render_profile(result: Json) -> str:
     """profile-*: one request's time split by stage at one client, and the server's CPU per image by thread."""
     from .profile import tables
 
-    return "\n".join(
-        [machine_line(result), "", f"`{Path(result['model']).name}`. " + tables(result)[0], *tables(result)[1:]]
-    )
+    first, *rest = tables(result)
+    return "\n".join([machine_line(result), "", f"`{Path(result['model']).name}`. {first}", *rest])
 
 
 RENDERERS: dict[str, Callable[[Json], str]] = {

@@ -76,7 +76,7 @@ class _Http:
 
     def __init__(self, kind: str, url: str, concurrency: int) -> None:
         parsed = urllib.parse.urlsplit(url)
-        self.kind, self.host = kind, parsed.netloc
+        self.host = parsed.netloc
         self.connections = [Connection(parsed.hostname or "127.0.0.1", parsed.port or 80) for _ in range(concurrency)]
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self.httpx = httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S, limits=limits) if kind == "httpx" else None
